@@ -1,0 +1,1 @@
+"""ssld-kit detection: Faster / Cascade R-CNN (FPN) on COCO with student backbones."""

@@ -1,0 +1,395 @@
+"""Demo data: procedural shape scenes written as real JPEG files with class labels and COCO boxes.
+
+No machine of this project reaches the internet, so demos and tests cannot download a dataset; this
+module makes one. Each image shows one main shape (its class) and up to two smaller shapes of other
+classes on a cluttered background. Colour and texture are drawn independently of the class, so a model
+must learn shape. The files use the layouts real datasets use (ImageFolder, PaddleClas list files,
+COCO json), so the same code paths read them.
+
+Every image is drawn from its own numpy Generator seeded by (seed, split, class, index): the same
+seed gives byte-identical files, in any order or process.
+
+    python -m distill.demo_data OUT_DIR [--classes 8 --train-per-class 60 --val-per-class 20
+                                         --image-size 96 --seed 0 --unlabeled 0 --overwrite]
+"""
+from __future__ import annotations
+
+import argparse
+import colorsys
+import dataclasses
+import json
+import shutil
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import UserError, run_cli
+
+# Class order of the shape families: `num_classes=N` takes the first N. Label indices are the
+# alphabetical order of the names taken, which is the order torchvision's ImageFolder assigns.
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent",
+          "heart", "arrow", "frame", "semicircle")
+
+SPLIT_CODES = {"train": 0, "val": 1, "unlabeled": 2}
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
+SUPERSAMPLE = 2                        # masks are drawn at 2x and box-filtered: anti-aliased edges
+MAIN_RADIUS = (0.20, 0.38)             # fraction of the image side
+DISTRACTOR_RADIUS = (0.07, 0.14)       # always smaller than the main object
+JPEG_QUALITY = (45, 95)
+FILL_KINDS = ("solid", "stripes", "checks", "blotches", "gradient")
+BACKGROUND_KINDS = ("flat", "gradient", "blotches")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fill:
+    """How an object's (or the background's) pixels are coloured; `seed` drives its noise."""
+    kind: str
+    colors: tuple            # two RGB triples, floats 0..255
+    angle: float             # radians, for stripes / checks / gradient
+    period: float            # pixels, for stripes / checks; grid cells for blotches
+    noise: float             # std of per-pixel noise
+    seed: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    center: tuple            # (x, y) in pixels
+    radius: float            # pixels; the unit geometry has max radius 1
+    rotation: float          # radians
+    aspect: float            # x stretched by aspect, y by 1/aspect (before rotation)
+    fill: Fill
+    box: tuple               # (x0, y0, x1, y1), x1/y1 exclusive: the pixels the mask touches
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    """Everything needed to draw one image; objects[0] is the main object (the image's class)."""
+    size: int
+    background: Fill
+    lines: tuple             # clutter lines: (x0, y0, x1, y1, width, (r, g, b))
+    objects: tuple
+    jpeg_quality: int
+
+    def without(self, index: int) -> "Scene":
+        return dataclasses.replace(self, objects=self.objects[:index] + self.objects[index + 1:])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Geometry: each shape is solid polygons minus hole polygons, in unit coordinates (max radius 1).
+
+def _circle(r, cx=0.0, cy=0.0, n=64):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
+
+
+def _regular(n, r=1.0, phase=-np.pi / 2):
+    t = phase + np.arange(n) * 2 * np.pi / n
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _star(points, outer, inner):
+    t = -np.pi / 2 + np.arange(2 * points) * np.pi / points
+    r = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
+    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
+
+
+def _heart(n=64):
+    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+    x = np.sin(t) ** 3
+    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) / 16
+    return np.stack([x, y], 1)
+
+
+@lru_cache(maxsize=None)
+def shape_geometry(shape: str) -> tuple:
+    """(solids, holes): lists of (N, 2) polygons, centred on their bounding box, max radius 1."""
+    w = 0.3
+    solids, holes = {
+        "circle": ([_circle(1.0)], []),
+        "square": ([_regular(4, 1.0, np.pi / 4)], []),
+        "triangle": ([_regular(3)], []),
+        "star": ([_star(5, 1.0, 0.42)], []),
+        "ring": ([_circle(1.0)], [_circle(0.6)]),
+        "cross": ([np.array([(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
+                             (-w, w), (-1, w), (-1, -w), (-w, -w)], float)], []),
+        "hexagon": ([_regular(6)], []),
+        "crescent": ([_circle(1.0)], [_circle(0.82, cx=0.45)]),
+        "heart": ([_heart()], []),
+        "arrow": ([np.array([(-1, -0.2), (0.15, -0.2), (0.15, -0.55), (1, 0), (0.15, 0.55),
+                             (0.15, 0.2), (-1, 0.2)], float)], []),
+        "frame": ([_regular(4, 1.0, np.pi / 4)], [_regular(4, 0.62, np.pi / 4)]),
+        "semicircle": ([_circle(1.0)[:33]], []),   # t in [0, pi]: the lower half-disc
+    }[shape]
+    pts = np.concatenate(solids)
+    center = (pts.min(0) + pts.max(0)) / 2
+    scale = np.sqrt(((pts - center) ** 2).sum(1)).max()
+    return [(p - center) / scale for p in solids], [(p - center) / scale for p in holes]
+
+
+def _placed(points, obj: SceneObject):
+    x, y = points[:, 0] * obj.aspect * obj.radius, points[:, 1] / obj.aspect * obj.radius
+    c, s = np.cos(obj.rotation), np.sin(obj.rotation)
+    return np.stack([obj.center[0] + c * x - s * y, obj.center[1] + s * x + c * y], 1)
+
+
+def object_mask(obj: SceneObject, size: int) -> Image.Image:
+    """Coverage of `obj` as an 'L' image (0..255), anti-aliased by supersampling."""
+    big = Image.new("L", (size * SUPERSAMPLE, size * SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(big)
+    solids, holes = shape_geometry(obj.shape)
+    for polys, value in ((solids, 255), (holes, 0)):
+        for poly in polys:
+            draw.polygon([tuple(p) for p in _placed(poly, obj) * SUPERSAMPLE], fill=value)
+    return big.resize((size, size), Image.BOX)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pixels: fills, background, compositing.
+
+def _fill_pixels(fill: Fill, size: int) -> np.ndarray:
+    """float32 (size, size, 3) image of the fill over the whole canvas."""
+    rng = np.random.default_rng(fill.seed)
+    c1, c2 = (np.asarray(c, np.float32) for c in fill.colors)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    u = xx * np.cos(fill.angle) + yy * np.sin(fill.angle)
+    v = -xx * np.sin(fill.angle) + yy * np.cos(fill.angle)
+    if fill.kind == "solid":
+        t = np.zeros((size, size), np.float32)
+    elif fill.kind == "stripes":
+        t = (np.floor(u / fill.period) % 2).astype(np.float32)
+    elif fill.kind == "checks":
+        t = ((np.floor(u / fill.period) + np.floor(v / fill.period)) % 2).astype(np.float32)
+    elif fill.kind == "gradient":
+        t = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
+    elif fill.kind == "blotches":
+        cells = max(2, int(fill.period))
+        grid = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
+        t = np.asarray(grid.resize((size, size), Image.BICUBIC), np.float32) / 255
+    else:
+        raise ValueError(fill.kind)
+    out = c1 + t[..., None] * (c2 - c1)
+    if fill.noise > 0:
+        out = out + rng.normal(0, fill.noise, out.shape).astype(np.float32)
+    return out
+
+
+def _background_pixels(scene: Scene) -> np.ndarray:
+    canvas = Image.fromarray(np.clip(np.rint(_fill_pixels(scene.background, scene.size)), 0, 255)
+                             .astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for x0, y0, x1, y1, width, color in scene.lines:
+        draw.line([(x0, y0), (x1, y1)], fill=tuple(int(c) for c in color), width=width)
+    return np.asarray(canvas, np.float32)
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """Draw the scene as an RGB image (before JPEG compression)."""
+    out = _background_pixels(scene)
+    for obj in scene.objects:
+        alpha = np.asarray(object_mask(obj, scene.size), np.float32)[..., None] / 255
+        out = out * (1 - alpha) + _fill_pixels(obj.fill, scene.size) * alpha
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampling a scene.
+
+def _random_color(rng) -> tuple:
+    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.2, 1.0))
+    return (255 * r, 255 * g, 255 * b)
+
+
+def _random_fill(rng, kinds, size, avoid=None) -> Fill:
+    """A fill; with `avoid` (an RGB mean), its colours keep a visible distance from it."""
+    colors = []
+    for min_distance in (90, 40):
+        for _ in range(50):
+            color = _random_color(rng)
+            if avoid is None or np.linalg.norm(np.subtract(color, avoid)) >= min_distance:
+                break
+        colors.append(color)
+    kind = str(rng.choice(kinds))
+    period = rng.uniform(2, 6) if kind in ("stripes", "checks") else rng.uniform(2, 6)
+    return Fill(kind=kind, colors=tuple(colors), angle=float(rng.uniform(0, np.pi)),
+                period=float(period * size / 96 if kind in ("stripes", "checks") else period),
+                noise=float(rng.uniform(0, 14)), seed=int(rng.integers(2**63)))
+
+
+def _random_object(rng, shape, radius, size, margin) -> SceneObject:
+    lo, hi = margin * radius, size - margin * radius
+    center = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
+    obj = SceneObject(shape=shape, center=center, radius=radius,
+                      rotation=float(rng.uniform(0, 2 * np.pi)), aspect=float(rng.uniform(0.85, 1.18)),
+                      fill=None, box=None)
+    return dataclasses.replace(obj, box=object_mask(obj, size).getbbox())
+
+
+def _apart(a, b, gap=2) -> bool:
+    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
+
+
+def sample_scene(rng: np.random.Generator, label: int, classes, size: int) -> Scene:
+    """One scene whose main object is `classes[label]`, with 0-2 non-overlapping distractors."""
+    background = _random_fill(rng, BACKGROUND_KINDS, size)
+    lines = []
+    if rng.random() < 0.7:
+        for _ in range(int(rng.integers(1, 7))):
+            x0, y0, x1, y1 = (float(v) for v in rng.uniform(-0.2, 1.2, 4) * size)
+            lines.append((x0, y0, x1, y1, int(rng.integers(1, 1 + max(1, size // 32))),
+                          tuple(int(c) for c in _random_color(rng))))
+    scene = Scene(size=size, background=background, lines=tuple(lines), objects=(),
+                  jpeg_quality=int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
+    placed = [_random_object(rng, classes[label], rng.uniform(*MAIN_RADIUS) * size, size, margin=0.85)]
+    others = [c for i, c in enumerate(classes) if i != label]
+    for _ in range(int(rng.integers(0, 3)) if others else 0):
+        shape, radius = str(rng.choice(others)), rng.uniform(*DISTRACTOR_RADIUS) * size
+        for _ in range(20):      # rejection: distractors never overlap, so every box is fully visible
+            obj = _random_object(rng, shape, radius, size, margin=0.6)
+            if obj.box is not None and all(_apart(obj.box, p.box) for p in placed):
+                placed.append(obj)
+                break
+    bg = _background_pixels(scene)
+    objects = []
+    for obj in placed:
+        x0, y0, x1, y1 = obj.box
+        local_mean = bg[y0:y1, x0:x1].reshape(-1, 3).mean(0)
+        objects.append(dataclasses.replace(obj, fill=_random_fill(rng, FILL_KINDS, size, avoid=local_mean)))
+    return dataclasses.replace(scene, objects=tuple(objects))
+
+
+def image_rng(seed: int, split: str, index: int, label: int | None = None) -> np.random.Generator:
+    """The Generator for one image, independent of every other image (parallel-safe)."""
+    entropy = [seed, SPLIT_CODES[split], index] + ([] if label is None else [label])
+    return np.random.default_rng(np.random.SeedSequence(entropy))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Writing the dataset.
+
+def _check(name, value, lo, hi=None):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < lo or \
+            (hi is not None and value > hi):
+        expected = f"an integer in {lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+        raise UserError(f"demo data: {name}={value!r}, expected {expected}")
+
+
+def _outputs(out: Path):
+    return [out / "train", out / "val", out / "unlabeled", out / "annotations", out / "classes.txt",
+            out / "train_list.txt", out / "val_list.txt", out / "unlabeled_list.txt"]
+
+
+def _save_jpeg(image: Image.Image, path: Path, quality: int):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="JPEG", quality=quality)
+
+
+def _coco_annotations(scene, image_id, next_ann_id, class_index):
+    anns = []
+    for obj in scene.objects:
+        x0, y0, x1, y1 = obj.box
+        area = float(np.asarray(object_mask(obj, scene.size), np.float64).sum() / 255)
+        anns.append({"id": next_ann_id + len(anns), "image_id": image_id,
+                     "category_id": class_index[obj.shape] + 1,
+                     "bbox": [x0, y0, x1 - x0, y1 - y0], "area": round(area, 2), "iscrowd": 0})
+    return anns
+
+
+def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_per_class: int = 20,
+             image_size: int = 96, seed: int = 0, unlabeled: int = 0, overwrite: bool = False) -> dict:
+    """Write the demo dataset under `out_dir` and return a summary dict (counts, classes, paths)."""
+    _check("num_classes", num_classes, 1, len(SHAPES))
+    _check("train_per_class", train_per_class, 1)
+    _check("val_per_class", val_per_class, 1)
+    _check("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
+    _check("seed", seed, 0)
+    _check("unlabeled", unlabeled, 0)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"demo data: {out} exists and is not a directory")
+    existing = [p for p in _outputs(out) if p.exists()]
+    if existing and not overwrite:
+        raise UserError(f"demo data: {out} already holds demo data ({existing[0].name}); "
+                        "pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder")
+    for p in existing:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+    start = time.perf_counter()
+    classes = sorted(SHAPES[:num_classes])
+    class_index = {name: i for i, name in enumerate(classes)}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(classes)]
+    summary = {"out_dir": str(out), "classes": classes, "image_size": image_size, "seed": seed}
+
+    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
+        images, annotations, lines = [], [], []
+        for label, name in enumerate(classes):
+            for i in range(per_class):
+                image_id = len(images) + 1
+                scene = sample_scene(image_rng(seed, split, i, label), label, classes, image_size)
+                rel = f"{split}/{name}/{image_id:06d}.jpg"
+                _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
+                images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
+                annotations += _coco_annotations(scene, image_id, len(annotations) + 1, class_index)
+                lines.append(f"{rel} {label}\n")
+        (out / f"{split}_list.txt").write_text("".join(lines))
+        coco = {"info": {"description": f"ssld-kit demo shapes ({split}, seed {seed})"}, "licenses": [],
+                "images": images, "annotations": annotations, "categories": categories}
+        (out / "annotations").mkdir(exist_ok=True)
+        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        summary[split] = {"images": len(images), "objects": len(annotations),
+                          "folder": str(out / split), "list": str(out / f"{split}_list.txt"),
+                          "coco": str(out / "annotations" / f"instances_{split}.json")}
+
+    lines = []
+    for i in range(unlabeled):
+        rng = image_rng(seed, "unlabeled", i)
+        scene = sample_scene(rng, int(rng.integers(num_classes)), classes, image_size)
+        rel = f"unlabeled/{i + 1:06d}.jpg"
+        _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
+        lines.append(rel + "\n")
+    if unlabeled:
+        (out / "unlabeled_list.txt").write_text("".join(lines))
+    summary["unlabeled"] = {"images": unlabeled,
+                            "list": str(out / "unlabeled_list.txt") if unlabeled else None}
+    summary["seconds"] = round(time.perf_counter() - start, 3)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    s = summary
+    text = [f"demo data in {s['out_dir']}: {len(s['classes'])} classes ({', '.join(s['classes'])}), "
+            f"{s['image_size']} px, seed {s['seed']}"]
+    for split in ("train", "val"):
+        d = s[split]
+        text.append(f"  {split}: {d['images']} images, {d['objects']} boxes -> {d['folder']}/, "
+                    f"{d['list']}, {d['coco']}")
+    if s["unlabeled"]["images"]:
+        text.append(f"  unlabeled: {s['unlabeled']['images']} images -> {s['unlabeled']['list']}")
+    text.append(f"  took {s['seconds']:.2f} s")
+    return "\n".join(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m distill.demo_data", description=__doc__.split("\n")[0])
+    parser.add_argument("out_dir", help="folder to write (train/, val/, annotations/, list files)")
+    parser.add_argument("--classes", type=int, default=8, help=f"number of shape classes, 1..{len(SHAPES)}")
+    parser.add_argument("--train-per-class", type=int, default=60)
+    parser.add_argument("--val-per-class", type=int, default=20)
+    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--unlabeled", type=int, default=0, help="also write N unlabeled images")
+    parser.add_argument("--overwrite", action="store_true", help="replace demo data already in OUT_DIR")
+    args = parser.parse_args(argv)
+    summary = generate(args.out_dir, num_classes=args.classes, train_per_class=args.train_per_class,
+                       val_per_class=args.val_per_class, image_size=args.image_size, seed=args.seed,
+                       unlabeled=args.unlabeled, overwrite=args.overwrite)
+    print(format_summary(summary))
+
+
+if __name__ == "__main__":
+    run_cli(main)
