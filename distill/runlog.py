@@ -66,6 +66,7 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
 
     rows = read_metrics(csv_path)
     keys = keys or [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step"]
+    keys = [k for k in keys if any(k in r and not math.isnan(r[k]) for r in rows)]
     panels = {}
     for k in keys:
         family = "loss" if "loss" in k else "lr" if k == "lr" or k.startswith("lr") else \
@@ -75,8 +76,7 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
     for ax, (family, names) in zip(axes[0], panels.items()):
         for k in names:
             pts = [(r["step"], r[k]) for r in rows if k in r and not math.isnan(r[k])]
-            if pts:
-                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k)
+            ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=k)
         ax.set_title(family)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -9,6 +9,7 @@ import difflib
 from dataclasses import dataclass, field
 
 import timm
+import torch
 import torch.nn as nn
 
 from .errors import UserError, run_cli
@@ -37,7 +38,8 @@ ZOO = {e.name: e for e in [
     ZooEntry("r50_vd", "resnet50d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet50_vd"),
     ZooEntry("r101_vd", "resnet101d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet101_vd"),
     ZooEntry("r152_vd", "resnet152d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet152_vd"),
-    ZooEntry("r200_vd", "resnet200d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet200_vd"),
+    # PaddleClas's ResNet200_vd is [3, 12, 48, 3]; timm's resnet200d is [3, 24, 36, 3] (see paddle_models.py)
+    ZooEntry("r200_vd", "resnet200d_paddle", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet200_vd"),
     ZooEntry("mv1", "mobilenetv1_100", "generic", MOBILE, MOBILE, "MobileNetV1"),
     ZooEntry("mv2", "mobilenetv2_100", "generic", MOBILE, MOBILE, "MobileNetV2"),
     ZooEntry("mv3_large", "mobilenetv3_large_100", "mobilenetv3", MOBILE, MOBILE, "MobileNetV3_large_x1_0"),
@@ -89,7 +91,8 @@ def zoo_table() -> list[dict]:
 
     rows = []
     for e in ZOO.values():
-        model = timm.create_model(e.arch, num_classes=1000)
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            model = timm.create_model(e.arch, num_classes=1000)
         params = sum(p.numel() for p in model.parameters())
         rows.append(dict(name=e.name, arch=e.arch, params=f"{params / 1e6:.2f}M",
                          stages=" | ".join(stage_layout(model, e.family)),
