@@ -160,11 +160,23 @@ def validate(cfg: Mapping, schema: Mapping, source: str = "config", _prefix: str
                               f"got {_type_name(value)} {value!r}")
 
 
+def _as_float(value):
+    """YAML 1.1 reads `1e-3` (no dot) as a string: accept it, and ints, where a float is expected."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def _coerce_floats(cfg: dict, schema: Mapping) -> dict:
     for key, value in cfg.items():
         expected = schema.get(key) if isinstance(schema, Mapping) else None
-        if isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
-            cfg[key] = float(value)
+        if isinstance(expected, float):
+            cfg[key] = _as_float(value)
         elif isinstance(expected, Mapping) and isinstance(value, dict):
             _coerce_floats(value, expected)
     return cfg
@@ -178,15 +190,15 @@ def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | st
     user = load_yaml_with_bases(path) if path else {}
     source = str(path) if path else "defaults"
     if defaults:
-        validate(user, defaults, source)
+        validate(_coerce_floats(user, defaults), defaults, source)
     cfg = merge(defaults, user)
     overrides = list(overrides or [])
     if overrides:
         over = apply_overrides({}, overrides)
         if defaults:
-            validate(over, defaults, "-o overrides")
+            validate(_coerce_floats(over, defaults), defaults, "-o overrides")
         cfg = merge(cfg, over)
-    return Config.wrap(_coerce_floats(cfg, defaults))
+    return Config.wrap(cfg)
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:

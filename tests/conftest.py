@@ -1,10 +1,10 @@
 """Shared fixtures: tiny demo data made by the project's own generator (no binary blobs, no network)."""
-import os
-
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: tiny models gain nothing from a second one, and tests that start worker
+# processes would oversubscribe the 2 CI cores.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

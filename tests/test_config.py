@@ -34,6 +34,12 @@ def test_int_is_accepted_and_coerced_where_float_expected(tmp_path):
     assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
 
 
+def test_exponent_without_dot_reads_as_float(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a float-typed key accepts it, from a file and from -o
+    cfg = load_config(write(tmp_path / "c.yaml", "optim:\n  lr: 1e-3\n"), ["optim.momentum=5e-1"], DEFAULTS)
+    assert cfg.optim.lr == 1e-3 and cfg.optim.momentum == 0.5
+
+
 def test_unknown_key_suggests_nearest(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown key 'optim\.lrr'.*did you mean 'optim\.lr'"):
         load_config(write(tmp_path / "c.yaml", "optim:\n  lrr: 0.1\n"), [], DEFAULTS)
