@@ -54,8 +54,11 @@ class RunLog:
 
 def read_metrics(csv_path) -> list[dict]:
     with open(csv_path, newline="") as f:
-        return [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
+        rows = [{k: (float(v) if v not in ("", None) else math.nan) for k, v in row.items()}
                 for row in csv.DictReader(f)]
+    for row in rows:
+        row["step"] = int(row["step"])
+    return rows
 
 
 def plot_metrics(csv_path, png_path, keys=None) -> Path:

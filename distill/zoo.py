@@ -12,6 +12,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from . import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm architectures
 from .errors import UserError, run_cli
 
 # Default per-stage multipliers (DESIGN.md, PaddleClas): distilled students only; plain models use 1.0.

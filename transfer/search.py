@@ -1,0 +1,427 @@
+"""Grid search for transfer fine-tuning: fit each cell on train, select on val, retrain the best on
+train+val and report test (Kornblith et al. protocol).
+
+    python -m transfer.search --dataset flowers102 --backbone r50_vd_ssld \\
+        --grid lr=0.01,0.003 wd=1e-4,1e-5 lr_mult=1,1,1,1,1:0.1,0.1,0.2,0.2,0.3
+    python -m transfer.search --all --baseline timm:resnet50d --pretrained --distilled r50_vd_ssld
+
+Grid axes are `key=v1,v2,...` (lr, wd, lr_mult, epochs, mixup, label_smoothing, or any config key such
+as optim.momentum); lr_mult lists are separated by ':'. Without --grid the grid of
+configs/transfer/search.yaml is used. Cells run one after another, or spread over the GPUs present (one
+cell per GPU at a time). Every cell is a transfer.finetune run folder under OUT/cells/: a finished cell
+is skipped on restart and an interrupted one resumes from its checkpoint. Reports: OUT/search.csv,
+OUT/search.md and OUT/search.png (validation heatmap); the final run is OUT/final/<cell>/.
+--all runs the ten datasets for two backbones and writes OUT/transfer_table.md (dataset, baseline,
+distilled), the PaddleClas-style table.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import itertools
+import json
+import math
+import multiprocessing as mp
+import os
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from distill.artifact import load_student
+from distill.atomic import atomic_write
+from distill.config import Config, read_yaml
+from distill.errors import UserError, run_cli
+from distill.stages import parse_multipliers
+
+from . import finetune as ft
+from .datasets import TEN, load_dataset
+
+SEARCH_CONFIG = ft.CONFIG_DIR / "search.yaml"
+ALIASES = {"lr": "optim.lr", "wd": "optim.weight_decay", "weight_decay": "optim.weight_decay",
+           "lr_mult": "optim.lr_mult", "epochs": "schedule.epochs", "mixup": "train.mixup",
+           "label_smoothing": "train.label_smoothing", "batch_size": "train.batch_size"}
+SHORT = {v: k for k, v in ALIASES.items() if k not in ("weight_decay",)}
+PLAIN_MULT = [1.0] * 5
+
+
+# ---------------------------------------------------------------------------------------------------
+# The grid
+
+def parse_grid(items) -> dict[str, list]:
+    """['lr=0.01,0.003', 'lr_mult=1,1,1,1,1:0.1,...'] -> {'optim.lr': [0.01, 0.003], 'optim.lr_mult': [...]}"""
+    schema = read_yaml(ft.BASE_CONFIG)
+    grid = {}
+    for item in items:
+        if "=" not in item:
+            raise UserError(f"grid axis {item!r} must look like key=v1,v2 (e.g. lr=0.01,0.003)")
+        name, raw = item.split("=", 1)
+        key = ALIASES.get(name.strip(), name.strip())
+        section, _, leaf = key.rpartition(".")
+        if (schema.get(section, {}) if section else schema).get(leaf, "missing") == "missing":
+            raise UserError(f"grid axis {name!r} is not a config key; use {', '.join(ALIASES)} or a key "
+                            f"of {ft.BASE_CONFIG.name} such as optim.momentum")
+        if key == "optim.lr_mult":
+            values = [parse_multipliers(v) for v in raw.split(":") if v.strip()]
+        else:
+            values = [parse_value(v) for v in raw.split(",") if v.strip()]
+        if not values:
+            raise UserError(f"grid axis {name!r} has no values")
+        grid[key] = values
+    return grid
+
+
+def parse_value(text: str):
+    """A number when it reads as one (YAML would keep '1e-4' a string), else YAML (true, null, words)."""
+    text = text.strip()
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def default_grid(meta: dict) -> dict[str, list]:
+    """configs/transfer/search.yaml; plus [recommended, plain] multipliers for a distilled backbone."""
+    grid = {ALIASES.get(k, k): list(v) for k, v in read_yaml(SEARCH_CONFIG).items()}
+    return add_multiplier_axis(grid, meta)
+
+
+def add_multiplier_axis(grid: dict, meta: dict) -> dict:
+    recommended = [float(m) for m in (meta.get("recommended", {}).get("transfer") or PLAIN_MULT)]
+    if "optim.lr_mult" not in grid and recommended != PLAIN_MULT:
+        grid = {**grid, "optim.lr_mult": [recommended, PLAIN_MULT]}
+    return grid
+
+
+def fmt_value(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "-".join(fmt_value(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def cell_id(cell: dict) -> str:
+    text = "_".join(f"{SHORT.get(k, k)}={fmt_value(v)}" for k, v in cell.items())
+    return re.sub(r"[^A-Za-z0-9_.=+-]", "", text)
+
+
+def cells_of(grid: dict) -> list[dict]:
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def cell_config(base: Config, cell: dict, out: Path, split: str, parallel: bool) -> Config:
+    cfg = copy.deepcopy(base.to_dict())
+    cfg["out"] = str(out)
+    cfg["data"]["split"] = split
+    if split == "select":
+        cfg["fix"]["enabled"] = False  # selection compares fine-tuning; Fix runs on the final model only
+    if parallel:
+        cfg["train"]["progress"] = False
+        cfg["device"] = "cuda"
+    for key, value in cell.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return Config.wrap(cfg)
+
+
+def read_done(out: Path) -> dict | None:
+    path = out / "results.json"
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text())
+    return results if "finetune" in results or "diverged" in results else None
+
+
+def run_or_record_divergence(cfg: Config, data=None) -> dict:
+    """A diverging cell is a result of the search (a too-high lr), not a reason to stop it."""
+    try:
+        return ft.fine_tune(cfg, data=data)
+    except ft.Diverged as e:
+        print(f"cell diverged: {e}", flush=True)
+        results = {"diverged": str(e)}
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running cells: in this process, or one worker process per GPU
+
+def _pin_gpu(queue) -> None:
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(queue.get())
+
+
+def _run_cell_in_worker(cfg_dict: dict) -> dict:
+    return run_or_record_divergence(Config.wrap(cfg_dict))
+
+
+def run_cells(jobs: list[tuple[str, Config]], gpus: int, data, on_done) -> None:
+    """jobs: (cell id, config). `on_done(cell id, results)` is called in the parent as each finishes."""
+    if gpus <= 1:
+        for name, cfg in jobs:
+            print(f"\n== cell {name}", flush=True)
+            on_done(name, run_or_record_divergence(cfg, data))
+        return
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    for g in range(gpus):
+        queue.put(g)
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    with ProcessPoolExecutor(gpus, mp_context=ctx, initializer=_pin_gpu, initargs=(queue,)) as pool:
+        futures = {pool.submit(_run_cell_in_worker, cfg.to_dict()): name for name, cfg in jobs}
+        for future in as_completed(futures):
+            on_done(futures[future], future.result())
+
+
+def gpu_count(requested: int | None) -> int:
+    import torch
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested is None:
+        return present
+    if requested > present:
+        raise UserError(f"--gpus {requested}, but {present} GPU(s) are present")
+    return requested
+
+
+# ---------------------------------------------------------------------------------------------------
+# One search
+
+def search(base: Config, grid: dict | None, out: Path, gpus: int = 0, final: bool = True) -> dict:
+    """Run (or resume) the grid for base.dataset / base.backbone; returns the summary (also written)."""
+    t0 = time.perf_counter()
+    data = load_dataset(base.dataset, base.data.root, base.data.download, base.data.val_fraction,
+                        base.data.split_seed)
+    meta = load_student(base.backbone, num_classes=data.num_classes, pretrained=base.pretrained)[1]
+    grid = add_multiplier_axis(grid, meta) if grid else default_grid(meta)
+    cells = cells_of(grid)
+    print(f"search {base.dataset} / {base.backbone}: {len(cells)} cells over "
+          + ", ".join(f"{SHORT.get(k, k)} ({len(v)})" for k, v in grid.items())
+          + f"; select on val ({data.metric}), then retrain on train+val and report test", flush=True)
+
+    rows: dict[str, dict] = {}
+    todo = []
+    for cell in cells:
+        name = cell_id(cell)
+        done = read_done(out / "cells" / name)
+        if done is not None:
+            rows[name] = row_of(name, cell, done, data.metric)
+        else:
+            todo.append((name, cell_config(base, cell, out / "cells" / name, "select", gpus > 1)))
+    if rows:
+        print(f"{len(rows)} finished cells found in {out / 'cells'}: skipped", flush=True)
+    by_name = {cell_id(c): c for c in cells}
+
+    def on_done(name, results):
+        rows[name] = row_of(name, by_name[name], results, data.metric)
+        write_reports(out, grid, [rows[cell_id(c)] for c in cells if cell_id(c) in rows], data.metric, None)
+
+    run_cells(todo, gpus, data if gpus <= 1 else None, on_done)
+    ordered = [rows[cell_id(c)] for c in cells]
+    if all(r["val"] is None for r in ordered):
+        raise UserError(f"every cell of the grid diverged ({out / 'cells'}); try lower learning rates")
+    best = best_row(ordered)
+    summary = dict(dataset=base.dataset, backbone=base.backbone, metric=data.metric, cells=len(cells),
+                   best_cell=best["cell"], best_val=best["val"], grid={k: v for k, v in grid.items()})
+    if final:
+        final_out = out / "final" / best["cell"]
+        results = read_done(final_out)
+        if results is None:
+            print(f"\n== final: {best['cell']} on train+val, reported on test", flush=True)
+            results = ft.fine_tune(cell_config(base, by_name[best["cell"]], final_out, "final", False), data=data)
+        summary.update(test=results["score"], test_at_test_size=results["score_test_size"],
+                       train_size=results["train_size"], test_size=results["test_size"],
+                       final_artifact=results.get("finetune_artifact"))
+        if "score_fix" in results:
+            summary["test_fix"] = results["score_fix"]
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    write_reports(out, grid, ordered, data.metric, summary)
+    print("\n" + summary_line(summary), flush=True)
+    return summary
+
+
+def row_of(name: str, cell: dict, results: dict, metric: str) -> dict:
+    row = {"cell": name}
+    row.update({SHORT.get(k, k): fmt_value(v) if isinstance(v, list) else v for k, v in cell.items()})
+    if "diverged" in results:
+        return {**row, "val": None, "val_at_test_size": None, "weight_decay_used": None, "seconds": None,
+                "diverged": True}
+    row.update(val=round(results["score"], 4), val_at_test_size=round(results["score_test_size"], 4),
+               weight_decay_used=results["weight_decay"], seconds=results.get("seconds"))
+    return row
+
+
+def best_row(rows: list[dict]) -> dict:
+    """The highest validation score; the first of equals in the grid's order."""
+    return max((r for r in rows if r["val"] is not None), key=lambda r: r["val"])
+
+
+def summary_line(s: dict) -> str:
+    text = f"{s['dataset']} / {s['backbone']}: best {s['best_cell']} (val {s['metric']} {s['best_val']:.2f})"
+    if "test" in s:
+        text += (f"; test {s['test']:.2f} at {s['train_size']} px, {s['test_at_test_size']:.2f} at "
+                 f"{s['test_size']} px")
+    return text + f"; {s['seconds']:.0f} s"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reports
+
+def write_reports(out: Path, grid: dict, rows: list[dict], metric: str, summary: dict | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        return
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns)
+            w.writeheader()
+            w.writerows(rows)
+    atomic_write(out / "search.csv", write_csv)
+    best = best_row(rows) if any(r["val"] is not None for r in rows) else None
+    lines = [f"# Transfer grid search: {summary['dataset']} / {summary['backbone']}" if summary else
+             "# Transfer grid search (in progress)", "",
+             f"Validation {metric} (model selection), at the train resolution and the test resolution.", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        mark = "**" if r is best else ""
+        lines.append("| " + " | ".join(f"{mark}{_cell_text(r.get(c))}{mark}" for c in columns) + " |")
+    if summary and "test" in summary:
+        lines += ["", f"Best cell `{summary['best_cell']}` retrained on train+val: test {metric} "
+                      f"**{summary['test']:.2f}** at {summary['train_size']} px, "
+                      f"**{summary['test_at_test_size']:.2f}** at {summary['test_size']} px"
+                  + (f", {summary['test_fix']:.2f} after Fix" if "test_fix" in summary else "") + "."]
+    if summary:
+        lines += ["", f"{summary['cells']} cells, {summary['seconds']:.0f} s."]
+        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
+    atomic_write(out / "search.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    if summary:
+        plot_heatmap(out / "search.png", grid, rows, metric)
+
+
+def _cell_text(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:g}"
+    return "" if v is None else str(v)
+
+
+def plot_heatmap(path: Path, grid: dict, rows: list[dict], metric: str) -> Path:
+    """Validation score over lr (rows) x weight decay (columns); one panel per value of the other axes."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    keys = list(grid)
+    row_key = "optim.lr" if "optim.lr" in keys else keys[0]
+    rest = [k for k in keys if k != row_key]
+    col_key = "optim.weight_decay" if "optim.weight_decay" in rest else (rest[0] if rest else None)
+    panel_keys = [k for k in rest if k != col_key]
+    panels = list(itertools.product(*(grid[k] for k in panel_keys))) or [()]
+    r_vals, c_vals = grid[row_key], grid[col_key] if col_key else [None]
+    lookup = {r["cell"]: (math.nan if r["val"] is None else r["val"]) for r in rows}
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * len(c_vals) * len(panels) + 1.5 * len(panels),
+                                                      1.2 + 0.55 * len(r_vals)), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        grid_vals = np.full((len(r_vals), len(c_vals)), np.nan)
+        for i, rv in enumerate(r_vals):
+            for j, cv in enumerate(c_vals):
+                cell = {row_key: rv, **({col_key: cv} if col_key else {}), **dict(zip(panel_keys, panel))}
+                cell = {k: cell[k] for k in keys}
+                grid_vals[i, j] = lookup.get(cell_id(cell), math.nan)
+        ax.imshow(grid_vals, cmap="viridis", aspect="auto")
+        for i in range(len(r_vals)):
+            for j in range(len(c_vals)):
+                if not math.isnan(grid_vals[i, j]):
+                    ax.text(j, i, f"{grid_vals[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
+        ax.set_yticks(range(len(r_vals)), [fmt_value(v) for v in r_vals])
+        ax.set_xticks(range(len(c_vals)), [fmt_value(v) if v is not None else "" for v in c_vals])
+        ax.set_ylabel(SHORT.get(row_key, row_key))
+        ax.set_xlabel(SHORT.get(col_key, col_key) if col_key else "")
+        ax.set_title(", ".join(f"{SHORT.get(k, k)}={fmt_value(v)}" for k, v in zip(panel_keys, panel))
+                     or f"val {metric}", fontsize=9)
+    fig.suptitle(f"validation {metric}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------------
+# --all: the ten datasets x (baseline, distilled)
+
+def search_all(args, grid, out: Path, gpus: int, datasets) -> list[dict]:
+    backbones = {"baseline": args.baseline, "distilled": args.distilled}
+    table = []
+    for name in datasets:
+        row = {"dataset": name}
+        for role, backbone in backbones.items():
+            ns = argparse.Namespace(**{**vars(args), "dataset": name, "backbone": backbone})
+            try:
+                base = ft.build_config(ns)
+                s = search(base, grid, out / ft.dataset_label(name) / ft.backbone_label(backbone), gpus)
+                row[role] = s["test"]
+                row["metric"] = s["metric"]
+            except UserError as e:  # a dataset that is not there does not stop the others
+                print(f"{name} / {backbone}: {e}", flush=True)
+                row[role] = None
+        table.append(row)
+        write_table(out, table, backbones)
+    return table
+
+
+def write_table(out: Path, table: list[dict], backbones: dict) -> None:
+    lines = ["# Transfer results (test, Kornblith et al. protocol)", "",
+             f"baseline: `{backbones['baseline']}`, distilled: `{backbones['distilled']}`. "
+             "Mean per-class accuracy for Aircraft, Pets, Caltech101, Flowers; top-1 elsewhere.", "",
+             "| dataset | metric | baseline | distilled | gain |", "|---|---|---|---|---|"]
+    for r in table:
+        b, d = r.get("baseline"), r.get("distilled")
+        show = (lambda v: "n/a" if v is None else f"{v:.2f}")
+        gain = f"{d - b:+.2f}" if b is not None and d is not None else ""
+        lines.append(f"| {r['dataset']} | {r.get('metric', '')} | {show(b)} | {show(d)} | {gain} |")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "transfer_table.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
+    atomic_write(out / "transfer_table.json", lambda tmp: Path(tmp).write_text(json.dumps(table, indent=2)))
+    print("\n".join(lines), flush=True)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m transfer.search", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ft.add_arguments(parser)
+    parser.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="grid axes (default configs/transfer/search.yaml)")
+    parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread cells over (default: all present)")
+    parser.add_argument("--no-final", action="store_true", help="skip retraining the best cell on train+val")
+    parser.add_argument("--all", action="store_true", help="the ten datasets x (--baseline, --distilled)")
+    parser.add_argument("--baseline", default=None, help="with --all: the baseline backbone (e.g. timm:resnet50d)")
+    parser.add_argument("--distilled", default=None, help="with --all: the distilled backbone (e.g. r50_vd_ssld)")
+    parser.add_argument("--datasets", default=",".join(TEN), help="with --all: comma-separated datasets")
+    args = parser.parse_args(argv)
+    grid = parse_grid(args.grid) if args.grid else None
+    gpus = gpu_count(args.gpus)
+    if args.all:
+        if not (args.baseline and args.distilled):
+            raise UserError("--all needs --baseline BACKBONE and --distilled BACKBONE")
+        out = Path(getattr(args, "out") or "runs/transfer_search")
+        return search_all(args, grid, out, gpus, [d.strip() for d in args.datasets.split(",") if d.strip()])
+    base = ft.build_config(args)
+    if base.device == "cpu":
+        gpus = 0
+    out = Path(base.out) if base.out else Path("runs") / "transfer_search" / ft.default_out(base).relative_to(
+        Path("runs") / "transfer")
+    return search(base, grid, out, gpus, final=not args.no_final)
+
+
+if __name__ == "__main__":
+    run_cli(main)
