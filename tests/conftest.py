@@ -1,6 +1,12 @@
 """Shared fixtures: tiny demo data made by the project's own generator (no binary blobs, no network)."""
-import pytest
-import torch
+import os
+
+# Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with subprocess tests, spinning
+# threads made small models up to 30x slower. Set before torch loads; subprocesses inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # One intra-op thread: tiny models gain nothing from a second one, and tests that start worker
 # processes would oversubscribe the 2 CI cores.

@@ -1,0 +1,91 @@
+"""The detection config schema: every key a YAML recipe (configs/detection/*.yaml) or `-o key=value` may set.
+
+Values here are detectron2's COCO defaults at the SSLD paper's 640 px; recipes state what differs.
+"""
+from __future__ import annotations
+
+from distill.config import ConfigError, load_config
+from distill.stages import parse_multipliers
+
+from .model import ARCHS
+
+DEFAULTS = {
+    "model": {
+        "arch": "faster",                 # faster | cascade
+        "backbone": "r50_vd_ssld",        # student artifact (name or path), or timm:ARCH
+        "pretrained": False,              # timm:ARCH only: start from timm's ImageNet weights (needs network)
+        "frozen_bn": None,                # null: FrozenBN when the trunk has trained weights, else trainable BN
+        "multipliers": None,              # 5 per-stage lr multipliers; null: the artifact's recommended.detection
+        "fpn_channels": 256,
+        "box_head_dim": 1024,
+        "train_sizes": [640],             # shorter side; one drawn per image (multi-scale when several)
+        "test_size": 640,
+        "max_size": 1066,                 # longer side cap (1333 x 640/800)
+        "anchor_sizes": [32, 64, 128, 256, 512],
+        "rpn_batch_per_image": 256,
+        "rpn_pre_nms_train": 2000,        # per FPN level
+        "rpn_pre_nms_test": 1000,
+        "rpn_post_nms_train": None,       # per image; null: 1000 (faster) / 2000 (cascade)
+        "rpn_post_nms_test": 1000,
+        "roi_batch_per_image": 512,
+        "cascade_ious": [0.5, 0.6, 0.7],
+        "cascade_weights": [[10.0, 10.0, 5.0, 5.0], [20.0, 20.0, 10.0, 10.0], [30.0, 30.0, 15.0, 15.0]],
+        "score_thresh": 0.05,
+        "nms_thresh": 0.5,
+        "detections_per_image": 100,
+    },
+    "data": {
+        "coco_root": None,                # folder with train2017/, val2017/, annotations/instances_*2017.json
+        "train_json": None,               # any COCO-format dataset: json + image folder (file_name relative to it)
+        "train_images": None,
+        "val_json": None,
+        "val_images": None,
+        "hflip": 0.5,
+        "workers": 2,
+    },
+    "optim": {
+        "batch_size": 16,                 # global: summed over all processes
+        "lr": 0.02,                       # at base_batch, scaled linearly to batch_size
+        "base_batch": 16,
+        "momentum": 0.9,
+        "weight_decay": None,             # null: the artifact's pretrain.weight_decay (matched l2), else 1e-4
+        "iterations": 90000,              # 1x; 3x is 270000
+        "steps": [60000, 80000],
+        "gamma": 0.1,
+        "warmup_iters": 1000,
+        "warmup_factor": 0.001,
+        "amp": False,                     # CUDA float16 with loss scaling; CPU bfloat16
+    },
+    "train": {
+        "out_dir": "runs/detection",
+        "seed": 0,
+        "device": "auto",
+        "log_period": 20,
+        "eval_period": 0,                 # iterations between evaluations; 0: at the end only
+        "checkpoint_period": 5000,
+        "eval_batch_size": 2,             # per process
+    },
+}
+
+
+def load_detection_config(path=None, overrides=()) -> dict:
+    """Defaults <- YAML recipe <- overrides, validated; returns a plain dict with checked values."""
+    cfg = load_config(path, overrides, defaults=DEFAULTS).to_dict()
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: dict) -> None:
+    m, o = cfg["model"], cfg["optim"]
+    if m["arch"] not in ARCHS:
+        raise ConfigError(f"model.arch={m['arch']!r}; expected one of {', '.join(ARCHS)}")
+    if m["multipliers"] is not None:
+        m["multipliers"] = parse_multipliers(m["multipliers"])
+    if not m["train_sizes"] or any(not isinstance(s, int) or s < 32 for s in m["train_sizes"]):
+        raise ConfigError(f"model.train_sizes={m['train_sizes']!r}; expected a list of sizes >= 32 px")
+    if len(m["cascade_ious"]) != len(m["cascade_weights"]) or any(len(w) != 4 for w in m["cascade_weights"]):
+        raise ConfigError("model.cascade_weights needs one [wx, wy, ww, wh] per entry of model.cascade_ious")
+    if o["iterations"] < 1 or o["batch_size"] < 1:
+        raise ConfigError(f"optim.iterations={o['iterations']} and optim.batch_size={o['batch_size']} must be >= 1")
+    if sorted(o["steps"]) != list(o["steps"]):
+        raise ConfigError(f"optim.steps={o['steps']} must be increasing iteration numbers")

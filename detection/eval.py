@@ -1,0 +1,51 @@
+"""COCO box AP of a trained detector: the model is rebuilt from the checkpoint alone.
+
+    python -m detection.eval --checkpoint runs/detection/demo/model_final.pt
+    python -m detection.eval --checkpoint CKPT --coco-root /data/coco            # or --val-json J --val-images D
+    torchrun --nproc_per_node 8 -m detection.eval --checkpoint CKPT --coco-root /data/coco
+
+Data defaults to the validation set named in the checkpoint's config. --results writes the detections
+as a COCO results json.
+"""
+from __future__ import annotations
+
+import argparse
+
+from distill.distributed import cleanup, init_distributed
+from distill.errors import run_cli
+
+from .coco_eval import METRICS, evaluate
+from .data import eval_loader, load_coco, split_paths
+from .model import load_detector
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m detection.eval", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint.pt from detection.train")
+    parser.add_argument("--coco-root", help="folder with val2017/ and annotations/instances_val2017.json")
+    parser.add_argument("--val-json", help="any COCO-format annotation file")
+    parser.add_argument("--val-images", help="its image folder (default: the json's folder)")
+    parser.add_argument("--batch-size", type=int, default=2, help="images per process and step")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--results", help="also write the detections here (COCO results json)")
+    args = parser.parse_args(argv)
+
+    dist = init_distributed(args.device)
+    model, ckpt = load_detector(args.checkpoint, dist.device)
+    data = dict(ckpt["config"]["data"])
+    if args.coco_root or args.val_json:
+        data.update(coco_root=args.coco_root, val_json=args.val_json, val_images=args.val_images)
+    split = load_coco(*split_paths(data, "val"), category_ids=ckpt["category_ids"])
+    loader = eval_loader(split, args.batch_size, args.workers, dist.rank, dist.world_size)
+    metrics = evaluate(model, loader, dist.device, split, results_path=args.results)
+    if dist.is_main:
+        print(f"{split.json_path}: {metrics['images']} images" +
+              (f" ({metrics['corrupt']} corrupt, skipped)" if metrics["corrupt"] else ""))
+        print("  ".join(f"{k} {metrics[k]:.2f}" for k in METRICS))
+    cleanup()
+    return metrics
+
+
+if __name__ == "__main__":
+    run_cli(main)
