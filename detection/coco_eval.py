@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from distill.distributed import is_distributed
+from distill.precision import autocast
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")   # COCOeval stats[0:6], reported in percent
 
@@ -73,12 +74,11 @@ def predict_batches(model, loader, device, category_ids, amp_dtype=None) -> tupl
     was_training = model.training
     model.eval()
     results, failed = [], []
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for images, targets, bad in loader:
         failed += bad
         if not images:
             continue
-        with autocast:
+        with autocast(device.type, amp_dtype):
             detections = model([im.to(device, non_blocking=True).float().div_(255) for im in images])
         results += to_coco_results(detections, [int(t["image_id"]) for t in targets], category_ids)
     model.train(was_training)

@@ -12,7 +12,6 @@ OUT/metrics.json (final COCO box AP) and a few OUT/predictions/*.png.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_c
 from distill.config import add_config_args
 from distill.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
 from distill.errors import UserError, run_cli
+from distill.precision import autocast
 from distill.runlog import RunLog, plot_metrics
 from distill.schedule import build_scheduler, scale_lr
 
@@ -186,7 +186,6 @@ def train_loop(model, optimizer, scheduler, scaler, loader, cfg, dist, log, star
     total, device = o["iterations"], dist.device
     out = Path(t["out_dir"])
     model.train()
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
     bar = tqdm(total=total, initial=start_iter, disable=not dist.is_main, dynamic_ncols=True, unit="it")
     window = dict(images=0, start=time.perf_counter(), losses={}, count=0)
     iteration = start_iter
@@ -199,7 +198,7 @@ def train_loop(model, optimizer, scheduler, scaler, loader, cfg, dist, log, star
         if images:
             images = [im.to(device, non_blocking=True).float().div_(255) for im in images]
             targets = [{k: v.to(device) for k, v in tgt.items()} for tgt in targets]
-            with autocast():
+            with autocast(device.type, amp_dtype):
                 losses = model(images, targets)
             loss = sum(losses.values())
             if not torch.isfinite(loss):

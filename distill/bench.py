@@ -27,7 +27,8 @@ from .artifact import IMAGENET_MEAN, IMAGENET_STD
 from .data import TrainStream, build_transform, collate_skipping, folder_source
 from .errors import UserError, run_cli
 from .losses import DistillLoss, ssld_loss
-from .ssld import AMP_DTYPES, distill_step
+from .precision import AMP_DTYPES
+from .ssld import distill_step
 from .teacher import Teacher
 
 

@@ -45,8 +45,9 @@ from .atomic import atomic_write
 from .data import UNLABELED, UnreadableImage, load_rgb
 from .distributed import barrier, cleanup, init_distributed
 from .errors import UserError, run_cli
-from .mine import (Pool, add_teacher_args, autocast, gather, load_mining_teacher, open_pool, relative_to,
+from .mine import (Pool, add_teacher_args, gather, load_mining_teacher, open_pool, relative_to,
                    shard_loader, stem_path, write_list)
+from .precision import AMP_DTYPES, autocast
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ def build_val_index(val: Pool, model, transform, batch_size, workers, device, am
         if not len(batch["ids"]):
             continue
         images = batch["images"].to(device)
-        with autocast(device, amp):
+        with autocast(device.type, AMP_DTYPES[amp]):
             f = image_features(model, images)
             f_mirror = image_features(model, images.flip(-1))
         feats.append(torch.stack([f, f_mirror], 1).flatten(0, 1).half().cpu())
@@ -248,7 +249,7 @@ def find_duplicates(pool: Pool, shards, index: ValIndex, model, transform, match
         counts["skipped"] += len(batch["skipped"])
         if not len(batch["ids"]):
             continue
-        with autocast(device, amp):
+        with autocast(device.type, AMP_DTYPES[amp]):
             feats = image_features(model, batch["images"].to(device))
         counts["images"] += len(batch["ids"])
         for name, raw, cands in zip(batch["names"], batch["raws"],

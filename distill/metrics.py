@@ -1,12 +1,11 @@
 """Classification metrics, reduced across DDP ranks: top-1, top-5 and mean per-class accuracy (in percent)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn as nn
 
 from .distributed import all_reduce_sum
+from .precision import autocast
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list[int]:
@@ -38,10 +37,9 @@ def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_
     counts = torch.zeros(3, dtype=torch.float64)  # n, top1, top5
     hits = torch.zeros(num_classes, dtype=torch.float64)
     seen = torch.zeros(num_classes, dtype=torch.float64)
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     for batch in loader:
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        with autocast:
+        with autocast(device.type, amp_dtype):
             logits = model(images).float()
         c1, c5 = topk_correct(logits, targets, (1, 5))
         counts += torch.tensor([len(targets), c1, c5], dtype=torch.float64)

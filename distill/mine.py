@@ -20,7 +20,6 @@ first (paths relative to the list's folder), and OUT_summary.json with the per-c
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -38,17 +37,18 @@ import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .artifact import IMAGENET_MEAN, IMAGENET_STD
 from .atomic import atomic_write
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import (UNLABELED, WDS_IMAGE_KEYS, ListDataset, Skipped, UnreadableImage, build_transform,
                    collate_skipping, folder_source, list_source, load_rgb, wds_source)
 from .distributed import barrier, cleanup, init_distributed, is_distributed
 from .errors import UserError, run_cli
+from .precision import AMP_DTYPES, autocast
 from .teacher import Teacher, load_teacher_model
 
 NO_ID = torch.iinfo(torch.int64).max    # an empty top-k slot: sorts after every real image
 ASSIGN_MODES = ("all", "top1")
-AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 WDS_ID_BITS = 32                        # a WebDataset image's id: shard << 32 | position in the shard
 
 
@@ -259,16 +259,11 @@ def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None
         raise UserError(f"the teachers {', '.join(sources)} predict different class counts {sorted(classes)}")
     prep = metas[0].get("preprocessing", {})
     size = input_size or int(prep.get("input_size", 224))
-    mean, std = prep.get("mean", (0.485, 0.456, 0.406)), prep.get("std", (0.229, 0.224, 0.225))
+    mean, std = prep.get("mean", IMAGENET_MEAN), prep.get("std", IMAGENET_STD)
     transform = build_transform("test", size, mean, std, float(prep.get("crop_pct", 0.875)),
                                 interpolation=prep.get("interpolation", "bilinear"))
     teacher = Teacher(models, metas, bn="eval", student_mean=mean, student_std=std)
     return teacher, transform, classes.pop(), models[0]
-
-
-def autocast(device: torch.device, amp: str):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -320,7 +315,7 @@ def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: i
         warned += len(batch["skipped"])
         counts["skipped"] += len(batch["skipped"])
         if len(batch["ids"]):
-            with torch.no_grad(), autocast(dist.device, amp):
+            with torch.no_grad(), autocast(dist.device.type, AMP_DTYPES[amp]):
                 probs = teacher(batch["images"].to(dist.device, non_blocking=True))
             topk.add_batch(probs, batch["ids"], top1_only=assign == "top1")
             counts["images"] += len(batch["ids"])
@@ -494,7 +489,7 @@ def add_teacher_args(parser):
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--amp", default="none", choices=list(AMP_DTYPES))
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
     parser.add_argument("--shard-size", type=int, default=4096,
                         help="images per shard of a folder/list pool (a WebDataset tar is one shard)")
 

@@ -9,7 +9,6 @@ distillation step, one epoch, evaluation, checkpoints, then main(). With `teache
 from __future__ import annotations
 
 import argparse
-import contextlib
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from .distributed import all_reduce_sum, cleanup, init_distributed
 from .errors import UserError, run_cli
 from .losses import DistillLoss
 from .metrics import evaluate_classifier
+from .precision import AMP_DTYPES, autocast
 from .runlog import RunLog, plot_metrics
 from .schedule import build_scheduler, scale_lr
 from .stages import stage_param_groups
@@ -103,7 +103,6 @@ DEFAULTS = dict(
     log=dict(every_iters=10, progress=True),
     export=dict(name=None, install=False),  # name: write OUT/NAME.safetensors; install: copy to $SSLD_HOME
 )
-AMP_DTYPES = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def validate(cfg) -> None:
@@ -230,8 +229,7 @@ def distill_step(model, teacher, criterion, images, labels, optimizer, scaler, *
     if mix is not None:  # mix with the batch rolled by one, before either network sees it
         images = mix * images + (1.0 - mix) * images.roll(1, dims=0)
         mix_labels = (mix, labels.roll(1, dims=0))
-    autocast = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
-    with autocast:
+    with autocast(images.device.type, amp_dtype):
         teacher_probs = teacher(images, criterion.teacher_temperature) if teacher is not None else None
         logits = model(images)
         loss, parts = criterion(logits, teacher_probs, labels, mix_labels)

@@ -13,7 +13,6 @@ machine shared with other work from favouring either side.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import platform
@@ -26,6 +25,7 @@ import torch.nn as nn
 
 from distill.artifact import load_student
 from distill.errors import UserError, run_cli
+from distill.precision import AMP_DTYPES, autocast
 from distill.schedule import build_scheduler
 
 from . import finetune as ft
@@ -34,10 +34,9 @@ from . import finetune as ft
 def reference_train_steps(model, batches, optimizer, criterion, device, amp) -> None:
     """torchvision references/classification/train.py, train_one_epoch, without logging."""
     model.train()
-    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     for image, target in batches:
         image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast:
+        with autocast(device.type, amp):
             output = model(image)
             loss = criterion(output, target)
         optimizer.zero_grad()
@@ -68,7 +67,7 @@ def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: i
     res = ft.resolve_defaults(cfg, meta)
     if lr_mult is not None:
         res.lr_mult = lr_mult
-    amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp_kind]
+    amp = AMP_DTYPES[amp_kind]
     if amp is torch.float16:
         raise UserError("--amp fp16 needs a gradient scaler in both loops; use bf16 to compare")
     batches = [(torch.randn(batch_size, 3, image_size, image_size), torch.randint(0, num_classes, (batch_size,)))

@@ -15,7 +15,6 @@ model_fix.safetensors after --fix).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import math
@@ -38,6 +37,7 @@ from distill.distributed import DistInfo, barrier, cleanup, init_distributed
 from distill.errors import UserError, run_cli
 from distill.losses import hard_ce_loss
 from distill.metrics import evaluate_classifier
+from distill.precision import AMP_DTYPES, autocast
 from distill.runlog import RunLog, plot_metrics
 from distill.schedule import build_scheduler
 from distill.stages import parse_multipliers, stage_param_groups
@@ -224,7 +224,7 @@ def amp_dtype(cfg, device: torch.device):
     kind = cfg.train.amp
     if kind == "auto":
         kind = "bf16" if device.type == "cuda" else "off"
-    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+    return AMP_DTYPES[kind]
 
 
 def param_groups(model: nn.Module, cfg, res: Resolved, phase: str) -> list[dict]:
@@ -290,7 +290,6 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, device, amp, scaler,
                     mixup: float, channels_last: bool, progress) -> tuple[float, int, list]:
     """Returns (mean loss, images seen on this rank, unreadable images skipped)."""
     total, seen, skipped = 0.0, 0, []
-    autocast = torch.autocast(device.type, dtype=amp) if amp else contextlib.nullcontext()
     for images, labels, bad in progress(loader):
         skipped += bad
         if len(labels) < 2:  # everything unreadable (BatchNorm cannot train on one image either)
@@ -302,7 +301,7 @@ def train_one_epoch(model, loader, optimizer, scheduler, *, device, amp, scaler,
         mix = None
         if mixup > 0:
             images, mix = mix_batch(images, labels, mixup)
-        with autocast:
+        with autocast(device.type, amp):
             logits = model(images)
         loss = hard_ce_loss(logits, labels, mix, label_smoothing)
         value = loss.item()  # the one host sync per step
