@@ -2,7 +2,7 @@
 
 The trunk is the student's own timm model wrapped by timm's feature getter (`features_only` with
 `feature_cls='getter'`), so parameter names stay the classification model's and the per-stage
-multiplier rules of distill.stages apply unchanged. FPN and P6 (max-pool of P5) follow detectron2.
+multiplier rules of distill.students.stages apply unchanged. FPN and P6 (max-pool of P5) follow detectron2.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from timm.models._features import FeatureGetterNet
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from distill.errors import UserError
-from distill.stages import stage_param_groups
+from distill.core.errors import UserError
+from distill.students.stages import stage_param_groups
 
 STRIDES = (4, 8, 16, 32)
 LEVELS = ("p2", "p3", "p4", "p5")  # pooled by the RoI heads; "pool" (P6) feeds only the RPN
@@ -55,7 +55,7 @@ class BackboneFPN(nn.Module):
     """Trunk features C2-C5 -> FPN P2-P5 plus P6 ("pool"), all with `out_channels` channels.
 
     `param_rules` maps each trunk parameter name (relative to `body.model`) to (lr_mult, decay factor,
-    group label), computed by distill.stages on the intact classification model: timm's group_matcher
+    group label), computed by distill.students.stages on the intact classification model: timm's group_matcher
     rule for generic models counts the classifier, which the feature wrapper prunes.
     """
 

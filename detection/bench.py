@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import zoo
-from distill.artifact import build_meta
-from distill.errors import run_cli
+from distill.students import zoo
+from distill.students.artifact import build_meta
+from distill.core.errors import run_cli
 
 from .coco_eval import coco_box_metrics
 from .config import DEFAULTS

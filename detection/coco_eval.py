@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from distill.distributed import is_distributed
-from distill.precision import autocast
+from distill.core.distributed import is_distributed
+from distill.core.precision import autocast
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")   # COCOeval stats[0:6], reported in percent
 

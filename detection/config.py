@@ -4,8 +4,8 @@ Values here are detectron2's COCO defaults at the SSLD paper's 640 px; recipes s
 """
 from __future__ import annotations
 
-from distill.config import ConfigError, load_config
-from distill.stages import parse_multipliers
+from distill.core.config import ConfigError, load_config
+from distill.students.stages import parse_multipliers
 
 from .model import ARCHS
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from distill.errors import UserError
+from distill.core.errors import UserError
 
 MAX_LISTED_ERRORS = 5
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import argparse
 
-from distill.distributed import cleanup, init_distributed
-from distill.errors import run_cli
+from distill.core.distributed import cleanup, init_distributed
+from distill.core.errors import run_cli
 
 from .coco_eval import METRICS, evaluate
 from .data import eval_loader, load_coco, split_paths

@@ -20,7 +20,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import roi_align
 from torchvision.ops.poolers import LevelMapper
 
-from distill import zoo
+from distill.students import zoo
 
 from .backbone import LEVELS, STRIDES, build_backbone
 from .box_heads import BoxPredictor, FastRCNNHeads
@@ -119,7 +119,7 @@ def trunk_from_meta(meta: dict) -> nn.Module:
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
-    """Optimizer groups: trunk parameters with their stage multiplier and decay rule (distill.stages),
+    """Optimizer groups: trunk parameters with their stage multiplier and decay rule (distill.students.stages),
     FPN, RPN and box heads at lr x1 with full decay."""
     core = model.module if hasattr(model, "module") else model
     rules, prefix = core.backbone.param_rules, "backbone.body.model."
@@ -137,8 +137,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict]
 
 def load_detector(path, device="cpu") -> tuple[GeneralizedRCNN, dict]:
     """Rebuild a detector from a detection checkpoint alone (config, backbone metadata, classes, weights)."""
-    from distill.checkpoint import load_checkpoint
-    from distill.errors import UserError
+    from distill.core.checkpoint import load_checkpoint
+    from distill.core.errors import UserError
 
     ckpt = load_checkpoint(path)
     if not all(k in ckpt for k in ("model", "model_config", "backbone_meta", "classes", "category_ids")):

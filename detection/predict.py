@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from distill.errors import UserError, run_cli
+from distill.core.errors import UserError, run_cli
 
 from .data import read_image
 

@@ -21,14 +21,14 @@ import torch.distributed
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from distill.artifact import load_student
-from distill.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from distill.config import add_config_args
-from distill.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
-from distill.errors import UserError, run_cli
-from distill.precision import autocast
-from distill.runlog import RunLog, plot_metrics
-from distill.schedule import build_scheduler, scale_lr
+from distill.students.artifact import load_student
+from distill.core.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from distill.core.config import add_config_args
+from distill.core.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
+from distill.core.errors import UserError, run_cli
+from distill.core.precision import autocast
+from distill.core.runlog import RunLog, plot_metrics
+from distill.core.schedule import build_scheduler, scale_lr
 
 from .backbone import default_weight_decay
 from .coco_eval import METRICS, evaluate, gather_lists

@@ -22,14 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from . import zoo
-from .artifact import IMAGENET_MEAN, IMAGENET_STD
-from .data import TrainStream, build_transform, collate_skipping, folder_source
-from .errors import UserError, run_cli
-from .losses import DistillLoss, ssld_loss
-from .precision import AMP_DTYPES
-from .ssld import distill_step
-from .teacher import Teacher
+from distill.students import zoo
+from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
+from distill.data import TrainStream, folder_source
+from distill.core.images import build_transform, collate_skipping
+from distill.core.errors import UserError, run_cli
+from distill.losses import DistillLoss, ssld_loss
+from distill.core.precision import AMP_DTYPES
+from distill.ssld import distill_step
+from distill.teacher import Teacher
 
 
 def make_loader(data_dir, batch, size, workers, device):
@@ -201,7 +202,7 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         data = args.data
         if data is None:
-            from .demo_data import generate
+            from distill.demo_data import generate
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ssld_bench_"))
             generate(tmp, num_classes=8, train_per_class=max(8, args.batch // 4), val_per_class=1,
                      image_size=max(64, min(args.size, 256)))

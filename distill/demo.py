@@ -14,10 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
-from . import ssld
-from .artifact import read_meta
-from .demo_data import generate
-from .errors import UserError, run_cli
+from distill import ssld
+from distill.students.artifact import read_meta
+from distill.demo_data import generate
+from distill.core.errors import UserError, run_cli
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 # A from-scratch CNN needs a few hundred images per class to learn shape rather than memorise (measured:
@@ -43,7 +43,7 @@ def train_step(config: str, out: Path, name: str, overrides, force: bool) -> dic
 
 
 def read_export_name(config: str) -> str:
-    from .config import load_yaml_with_bases
+    from distill.core.config import load_yaml_with_bases
     return load_yaml_with_bases(config_path(config))["export"]["name"]
 
 

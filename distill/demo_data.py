@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import UserError, run_cli
+from distill.core.errors import UserError, run_cli
 
 # Class order of the shape families: `num_classes=N` takes the first N. Label indices are the
 # alphabetical order of the names taken, which is the order torchvision's ImageFolder assigns.

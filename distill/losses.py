@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
+from distill.core.errors import UserError
 
 EPS = 1e-12  # PaddleClas DMLLoss eps
 SOFT_LOSSES = ("ssld", "jsd", "kl", "soft_ce")

@@ -20,21 +20,22 @@ from torch.nn.parallel import DistributedDataParallel
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
-from . import zoo
-from .artifact import IMAGENET_MEAN, IMAGENET_STD, build_meta, check_state_dict, default_test_size, read_meta, \
-    resolve_student, save_student, ssld_home
-from .checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
-from .config import add_config_args, load_config
-from .data import ListDataset, TrainStream, build_sources, build_transform, collate_skipping, infer_num_classes
-from .distributed import all_reduce_sum, cleanup, init_distributed
-from .errors import UserError, run_cli
-from .losses import DistillLoss
-from .metrics import evaluate_classifier
-from .precision import AMP_DTYPES, autocast
-from .runlog import RunLog, plot_metrics
-from .schedule import build_scheduler, scale_lr
-from .stages import stage_param_groups
-from .teacher import build_teacher
+from distill.students import zoo
+from distill.students.artifact import (IMAGENET_MEAN, IMAGENET_STD, build_meta, check_state_dict, default_test_size,
+                                       read_meta, resolve_student, save_student, ssld_home)
+from distill.core.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from distill.core.config import add_config_args, load_config
+from distill.core.images import ListDataset, build_transform, collate_skipping
+from distill.data import TrainStream, build_sources, infer_num_classes
+from distill.core.distributed import all_reduce_sum, cleanup, init_distributed
+from distill.core.errors import UserError, run_cli
+from distill.losses import DistillLoss
+from distill.core.metrics import evaluate_classifier
+from distill.core.precision import AMP_DTYPES, autocast
+from distill.core.runlog import RunLog, plot_metrics
+from distill.core.schedule import build_scheduler, scale_lr
+from distill.students.stages import stage_param_groups
+from distill.teacher import build_teacher
 
 # The config schema: every key a recipe may set, with its default. Recipes live in configs/*.yaml.
 DEFAULTS = dict(

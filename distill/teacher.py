@@ -17,10 +17,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import zoo
-from .artifact import IMAGENET_MEAN, IMAGENET_STD, check_state_dict, load_student
-from .checkpoint import load_checkpoint
-from .errors import UserError
+from distill.students import zoo
+from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD, check_state_dict, load_student
+from distill.core.checkpoint import load_checkpoint
+from distill.core.errors import UserError
 
 BN_MODES = ("train", "eval")
 

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from distill.artifact import load_student
-from distill.errors import UserError, run_cli
-from distill.precision import AMP_DTYPES, autocast
-from distill.schedule import build_scheduler
+from distill.students.artifact import load_student
+from distill.core.errors import UserError, run_cli
+from distill.core.precision import AMP_DTYPES, autocast
+from distill.core.schedule import build_scheduler
 
 from . import finetune as ft
 

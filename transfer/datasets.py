@@ -20,8 +20,8 @@ import numpy as np
 import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
-from distill.data import Skipped
-from distill.errors import UserError, run_cli
+from distill.core.images import Skipped
+from distill.core.errors import UserError, run_cli
 
 MEAN_PER_CLASS, TOP1 = "mean_per_class", "top1"
 CALTECH101_TRAIN_PER_CLASS = 30  # Kornblith et al. 2019

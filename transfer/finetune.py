@@ -28,19 +28,19 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
-from distill.artifact import default_test_size, load_student, save_student
-from distill.atomic import atomic_write
-from distill.checkpoint import load_checkpoint, save_checkpoint
-from distill.config import Config, add_config_args, load_config, merge, read_yaml, validate
-from distill.data import build_transform, collate_skipping
-from distill.distributed import DistInfo, barrier, cleanup, init_distributed
-from distill.errors import UserError, run_cli
+from distill.students.artifact import default_test_size, load_student, save_student
+from distill.core.atomic import atomic_write
+from distill.core.checkpoint import load_checkpoint, save_checkpoint
+from distill.core.config import Config, add_config_args, load_config, merge, read_yaml, validate
+from distill.core.images import build_transform, collate_skipping
+from distill.core.distributed import DistInfo, barrier, cleanup, init_distributed
+from distill.core.errors import UserError, run_cli
 from distill.losses import hard_ce_loss
-from distill.metrics import evaluate_classifier
-from distill.precision import AMP_DTYPES, autocast
-from distill.runlog import RunLog, plot_metrics
-from distill.schedule import build_scheduler
-from distill.stages import parse_multipliers, stage_param_groups
+from distill.core.metrics import evaluate_classifier
+from distill.core.precision import AMP_DTYPES, autocast
+from distill.core.runlog import RunLog, plot_metrics
+from distill.core.schedule import build_scheduler
+from distill.students.stages import parse_multipliers, stage_param_groups
 
 from .datasets import Split, TransferData, dataset_names, load_dataset
 
@@ -228,7 +228,7 @@ def amp_dtype(cfg, device: torch.device):
 
 
 def param_groups(model: nn.Module, cfg, res: Resolved, phase: str) -> list[dict]:
-    """finetune: per-stage groups (distill.stages). fix: the classifier only, everything else frozen."""
+    """finetune: per-stage groups (distill.students.stages). fix: the classifier only, everything else frozen."""
     if phase == "finetune":
         return stage_param_groups(model, res.lr_mult, cfg.optim.lr, res.weight_decay,
                                   head_mult=cfg.optim.head_mult, family=res.family)

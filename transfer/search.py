@@ -30,11 +30,11 @@ from pathlib import Path
 
 import yaml
 
-from distill.artifact import load_student
-from distill.atomic import atomic_write
-from distill.config import Config, read_yaml
-from distill.errors import UserError, run_cli
-from distill.stages import parse_multipliers
+from distill.students.artifact import load_student
+from distill.core.atomic import atomic_write
+from distill.core.config import Config, read_yaml
+from distill.core.errors import UserError, run_cli
+from distill.students.stages import parse_multipliers
 
 from . import finetune as ft
 from .datasets import TEN, load_dataset

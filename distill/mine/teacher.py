@@ -1,0 +1,49 @@
+"""The mining teacher: eval-mode BatchNorm, its own test preprocessing, and the CLI flags that choose it.
+"""
+from __future__ import annotations
+
+
+import torch
+
+from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
+from distill.core.images import build_transform
+from distill.core.errors import UserError
+from distill.teacher import Teacher, load_teacher_model
+
+def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None = None,
+                        pretrained: bool = False):
+    """(Teacher in eval mode, eval transform, classes, first model). Eval-mode BatchNorm: an image's score
+    does not depend on its batch mates. The transform is the first teacher's test preprocessing."""
+    models, metas = [], []
+    torch.manual_seed(0)  # a random-init timm: teacher (tests, benchmarks) is then the same on every rank
+    for source in sources:
+        model, meta = load_teacher_model(source, num_classes, pretrained=pretrained)
+        models.append(model)
+        metas.append(meta)
+    classes = {m["num_classes"] for m in metas}
+    if len(classes) > 1:
+        raise UserError(f"the teachers {', '.join(sources)} predict different class counts {sorted(classes)}")
+    prep = metas[0].get("preprocessing", {})
+    size = input_size or int(prep.get("input_size", 224))
+    mean, std = prep.get("mean", IMAGENET_MEAN), prep.get("std", IMAGENET_STD)
+    transform = build_transform("test", size, mean, std, float(prep.get("crop_pct", 0.875)),
+                                interpolation=prep.get("interpolation", "bilinear"))
+    teacher = Teacher(models, metas, bn="eval", student_mean=mean, student_std=std)
+    return teacher, transform, classes.pop(), models[0]
+
+
+
+def add_teacher_args(parser):
+    parser.add_argument("--teacher", action="append", required=True, metavar="NAME",
+                        help="artifact name/path, trainer checkpoint, zoo name or timm:ARCH (repeat: ensemble)")
+    parser.add_argument("--num-classes", type=int, default=1000, help="classes of a timm:/zoo teacher")
+    parser.add_argument("--pretrained", action="store_true", help="timm weights for timm: teachers (network)")
+    parser.add_argument("--input-size", type=int, default=None,
+                        help="teacher resolution (default: the teacher's preprocessing input_size)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--shard-size", type=int, default=4096,
+                        help="images per shard of a folder/list pool (a WebDataset tar is one shard)")
+

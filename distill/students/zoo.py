@@ -1,0 +1,119 @@
+"""The student model zoo: our names -> timm architectures, as data (one row per model).
+
+`python -m distill.zoo` prints the table. `timm:ANY_NAME` gives any timm model with the generic stage rule.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+from dataclasses import dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+
+from distill.students import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm architectures
+from distill.core.errors import UserError, run_cli
+
+# Default per-stage multipliers (DESIGN.md, PaddleClas): distilled students only; plain models use 1.0.
+RESNET_TRANSFER = (0.1, 0.1, 0.2, 0.2, 0.3)
+RESNET_DETECTION = (0.05, 0.05, 0.1, 0.1, 0.15)
+MOBILE = (0.25, 0.25, 0.5, 0.5, 0.75)
+PLAIN = (1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    name: str
+    arch: str                      # timm model name
+    family: str                    # stage rule in distill.students.stages: resnet | mobilenetv3 | generic
+    transfer_mult: tuple = PLAIN
+    detection_mult: tuple = PLAIN
+    paddle_name: str | None = None  # PaddleClas model name, where one exists
+    kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs
+
+
+ZOO = {e.name: e for e in [
+    ZooEntry("r18_vd", "resnet18d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet18_vd"),
+    ZooEntry("r34_vd", "resnet34d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet34_vd"),
+    ZooEntry("r50_vd", "resnet50d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet50_vd"),
+    ZooEntry("r101_vd", "resnet101d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet101_vd"),
+    ZooEntry("r152_vd", "resnet152d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet152_vd"),
+    # PaddleClas's ResNet200_vd is [3, 12, 48, 3]; timm's resnet200d is [3, 24, 36, 3] (see paddle_models.py)
+    ZooEntry("r200_vd", "resnet200d_paddle", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet200_vd"),
+    ZooEntry("mv1", "mobilenetv1_100", "generic", MOBILE, MOBILE, "MobileNetV1"),
+    ZooEntry("mv2", "mobilenetv2_100", "generic", MOBILE, MOBILE, "MobileNetV2"),
+    ZooEntry("mv3_large", "mobilenetv3_large_100", "mobilenetv3", MOBILE, MOBILE, "MobileNetV3_large_x1_0"),
+    ZooEntry("mv3_small", "mobilenetv3_small_100", "mobilenetv3", MOBILE, MOBILE, "MobileNetV3_small_x1_0"),
+    ZooEntry("resnext101_32x16d_wsl", "resnext101_32x16d", "resnet", PLAIN, PLAIN, "ResNeXt101_32x16d_wsl"),
+]}
+
+# timm architectures whose stage rule is known, for `timm:` names and artifacts that name an arch.
+ARCH_FAMILY = {e.arch: e.family for e in ZOO.values()}
+
+
+def family_of_arch(arch: str) -> str:
+    if arch in ARCH_FAMILY:
+        return ARCH_FAMILY[arch]
+    if arch.startswith("mobilenetv3_"):
+        return "mobilenetv3"
+    return "generic"
+
+
+def get_entry(name: str) -> ZooEntry:
+    """A zoo name, or `timm:ARCH` for any timm model (plain multipliers, family from the arch)."""
+    if name.startswith("timm:"):
+        arch = name[len("timm:"):]
+        if not timm.is_model(arch):
+            near = difflib.get_close_matches(arch, timm.list_models(), n=3)
+            raise UserError(f"unknown timm model {arch!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
+        return ZooEntry(name, arch, family_of_arch(arch))
+    if name not in ZOO:
+        near = difflib.get_close_matches(name, list(ZOO), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise UserError(f"unknown zoo name {name!r}; {hint}known: {', '.join(ZOO)}, or timm:ANY_TIMM_NAME")
+    return ZOO[name]
+
+
+def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, **kwargs) -> nn.Module:
+    """Build a zoo model (or a `timm:` / bare timm arch name) with `num_classes` outputs."""
+    if name in ZOO or name.startswith("timm:"):
+        entry = get_entry(name)
+        arch, kwargs = entry.arch, {**entry.kwargs, **kwargs}
+    elif timm.is_model(name):
+        arch = name
+    else:
+        get_entry(name)  # raises the helpful error
+    return timm.create_model(arch, pretrained=pretrained, num_classes=num_classes, **kwargs)
+
+
+def zoo_table() -> list[dict]:
+    from distill.students.stages import stage_layout  # stages imports zoo: keep the import local
+
+    rows = []
+    for e in ZOO.values():
+        with torch.device("meta"):  # shapes only: no memory, no init time
+            model = timm.create_model(e.arch, num_classes=1000)
+        params = sum(p.numel() for p in model.parameters())
+        rows.append(dict(name=e.name, arch=e.arch, params=f"{params / 1e6:.2f}M",
+                         stages=" | ".join(stage_layout(model, e.family)),
+                         transfer=",".join(f"{m:g}" for m in e.transfer_mult),
+                         detection=",".join(f"{m:g}" for m in e.detection_mult)))
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m distill.zoo", description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    rows = zoo_table()
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+    print("\nAny timm model: timm:NAME (stages from timm's group_matcher, multipliers 1.0)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,279 @@
+"""Each transfer dataset built from a small fake folder in its torchvision layout: split sizes, metric,
+determinism of the seeded splits, and the message for a missing dataset."""
+import json
+import pickle
+
+import numpy as np
+import pytest
+import scipy.io
+import torch
+from PIL import Image
+
+from distill.core.errors import UserError
+from distill.core.metrics import evaluate_classifier
+from transfer.datasets import (MEAN_PER_CLASS, SPECS, TOP1, DatasetNotFound, load_dataset, per_class_take,
+                               stratified_split)
+
+
+def _jpg(path, seed=0):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+
+
+def _lines(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{ln}\n" for ln in lines))
+
+
+# Fake folders, one per dataset: (builder, expected split sizes train/val/test, classes)
+
+def fake_flowers102(root):
+    base = root / "flowers-102"
+    labels = np.repeat([1, 2, 3], 6)              # 18 images, 3 classes (1-based like the .mat)
+    for i in range(1, 19):
+        _jpg(base / "jpg" / f"image_{i:05d}.jpg", i)
+    scipy.io.savemat(base / "imagelabels.mat", {"labels": labels})
+    ids = np.arange(1, 19).reshape(3, 6)          # per class: 2 train, 1 val, 3 test
+    scipy.io.savemat(base / "setid.mat", {"trnid": ids[:, :2].ravel(), "valid": ids[:, 2].ravel(),
+                                          "tstid": ids[:, 3:].ravel()})
+    return dict(train=6, val=3, test=9)
+
+
+def fake_caltech101(root):
+    base = root / "caltech101" / "101_ObjectCategories"
+    for c, n in (("accordion", 33), ("airplanes", 35), ("anchor", 31)):
+        for i in range(1, n + 1):
+            _jpg(base / c / f"image_{i:04d}.jpg", i)
+    _jpg(base / "BACKGROUND_Google" / "image_0001.jpg")  # torchvision drops this folder
+    # 30 per class for training (6 of them held out as val), the rest (3 + 5 + 1) for test
+    return dict(train=72, val=18, test=9)
+
+
+def fake_pets(root):
+    base = root / "oxford-iiit-pet"
+    rows = {"trainval": [], "test": []}
+    for label, breed in enumerate(("Abyssinian", "beagle"), 1):
+        for i in range(1, 9):
+            _jpg(base / "images" / f"{breed}_{i}.jpg", i)
+            rows["trainval" if i <= 5 else "test"].append(f"{breed}_{i} {label} {label} 1")
+    for split, lines in rows.items():
+        _lines(base / "annotations" / f"{split}.txt", lines)
+    return dict(train=8, val=2, test=6)   # trainval 5/class -> 1 held out per class
+
+
+def fake_dtd(root):
+    base = root / "dtd" / "dtd"
+    rows = {"train1": [], "val1": [], "test1": [], "train2": []}
+    for c in ("banded", "blotchy", "braided"):
+        for i in range(1, 7):
+            _jpg(base / "images" / c / f"{c}_{i:04d}.jpg", i)
+            split = "train1" if i <= 2 else "val1" if i == 3 else "test1"
+            rows[split].append(f"{c}/{c}_{i:04d}.jpg")
+            rows["train2"].append(f"{c}/{c}_{i:04d}.jpg")   # another partition must be ignored
+    for split, lines in rows.items():
+        _lines(base / "labels" / f"{split}.txt", lines)
+    return dict(train=6, val=3, test=9)
+
+
+def fake_aircraft(root):
+    data = root / "fgvc-aircraft-2013b" / "data"
+    variants = ["707-320", "A320", "Cessna 172"]
+    _lines(data / "variants.txt", variants)
+    counts = {"train": 2, "val": 1, "test": 2}
+    n = 0
+    for split, k in counts.items():
+        rows = []
+        for v in variants:
+            for _ in range(k):
+                n += 1
+                _jpg(data / "images" / f"{1000000 + n}.jpg", n)
+                rows.append(f"{1000000 + n} {v}")
+        _lines(data / f"images_variant_{split}.txt", rows)
+        _lines(data / f"images_family_{split}.txt", [r.split()[0] + " fam" for r in rows])
+    return dict(train=6, val=3, test=6)
+
+
+def _mat_annotations(rows):
+    rec = np.zeros(len(rows), dtype=[("fname", "O"), ("class", "O")])
+    for i, (fname, cls) in enumerate(rows):
+        rec[i] = (fname, np.uint8(cls))
+    return rec
+
+
+def fake_cars(root):
+    base = root / "stanford_cars"
+    train, test = [], []
+    for cls in (1, 2):
+        for i in range(5):
+            name = f"{cls}{i:04d}.jpg"
+            _jpg(base / "cars_train" / name, i)
+            train.append((name, cls))
+        for i in range(3):
+            name = f"{cls}{i:04d}.jpg"
+            _jpg(base / "cars_test" / name, i)
+            test.append((name, cls))
+    (base / "devkit").mkdir(parents=True)
+    scipy.io.savemat(base / "devkit" / "cars_train_annos.mat", {"annotations": _mat_annotations(train)})
+    scipy.io.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": _mat_annotations(test)})
+    scipy.io.savemat(base / "devkit" / "cars_meta.mat",
+                     {"class_names": np.array(["AM General Hummer", "Acura RL"], dtype=object)})
+    return dict(train=8, val=2, test=6)
+
+
+def fake_sun397(root):
+    base = root / "SUN397"
+    classes = ["/a/abbey", "/b/bakery/shop", "/c/campus"]
+    _lines(base / "ClassName.txt", classes)
+    train, test = [], []
+    for c in classes:
+        for i in range(6):
+            rel = f"{c}/sun_{c.replace('/', '')}{i}.jpg"
+            _jpg(base / rel.lstrip("/"), i)
+            if i < 3:
+                train.append(rel)
+            elif i < 5:
+                test.append(rel)     # the sixth image is in neither partition-1 list
+    _lines(base / "Training_01.txt", train)
+    _lines(base / "Testing_01.txt", test)
+    return dict(train=6, val=3, test=6)
+
+
+def _cifar_batch(path, labels, key):
+    data = np.random.default_rng(len(labels)).integers(0, 255, (len(labels), 3072), dtype=np.uint8)
+    with open(path, "wb") as f:
+        pickle.dump({"data": data, key: list(labels)}, f)
+
+
+def fake_cifar10(root):
+    base = root / "cifar-10-batches-py"
+    base.mkdir(parents=True)
+    for b in range(1, 6):
+        _cifar_batch(base / f"data_batch_{b}", [0, 1, 2, 0, 1, 2], "labels")  # 30 train, 10 per class
+    _cifar_batch(base / "test_batch", [0, 1, 2, 2], "labels")
+    with open(base / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": ["airplane", "automobile", "bird"]}, f)
+    return dict(train=24, val=6, test=4)
+
+
+def fake_cifar100(root):
+    base = root / "cifar-100-python"
+    base.mkdir(parents=True)
+    _cifar_batch(base / "train", [0, 1] * 10, "fine_labels")
+    _cifar_batch(base / "test", [0, 1, 1], "fine_labels")
+    with open(base / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": ["apple", "aquarium_fish"]}, f)
+    return dict(train=16, val=4, test=3)
+
+
+def fake_food101(root):
+    base = root / "food-101"
+    meta = {"train": {}, "test": {}}
+    for c in ("apple_pie", "baby_back_ribs"):
+        for i in range(7):
+            _jpg(base / "images" / c / f"{i}.jpg", i)
+            meta["train" if i < 5 else "test"].setdefault(c, []).append(f"{c}/{i}")
+    (base / "meta").mkdir(parents=True)
+    for split, content in meta.items():
+        (base / "meta" / f"{split}.json").write_text(json.dumps(content))
+    return dict(train=8, val=2, test=4)
+
+
+FAKES = {name: globals()[f"fake_{name}"] for name in SPECS}
+EXPECTED_METRIC = {"flowers102": MEAN_PER_CLASS, "caltech101": MEAN_PER_CLASS, "pets": MEAN_PER_CLASS,
+                   "aircraft": MEAN_PER_CLASS, "dtd": TOP1, "cars": TOP1, "sun397": TOP1, "cifar10": TOP1,
+                   "cifar100": TOP1, "food101": TOP1}
+
+
+@pytest.fixture
+def skip_md5(monkeypatch):
+    """Flowers102 and CIFAR check md5 sums of the real files; fake files cannot match them."""
+    import torchvision.datasets.cifar as cifar
+    import torchvision.datasets.flowers102 as flowers
+    monkeypatch.setattr(cifar, "check_integrity", lambda *a, **k: True)
+    monkeypatch.setattr(flowers, "check_integrity", lambda *a, **k: True)
+
+
+def test_the_ten_datasets_are_registered_with_the_protocol_metric():
+    assert {n: s.metric for n, s in SPECS.items()} == EXPECTED_METRIC
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_fake_dataset_gives_protocol_splits_and_metric(name, tmp_path, skip_md5):
+    expected = FAKES[name](tmp_path)
+    data = load_dataset(name, tmp_path, val_fraction=0.2, seed=0)
+    sizes = data.sizes()
+    assert {k: sizes[k] for k in ("train", "val", "test")} == expected
+    assert sizes["trainval"] == expected["train"] + expected["val"]
+    assert data.metric == EXPECTED_METRIC[name]
+    # val is disjoint from train, and every split's labels agree with the images it reads
+    assert len(set(data.trainval.items)) == len(data.trainval)
+    image, label = data.test[0]
+    assert image.mode == "RGB" and 0 <= label < data.num_classes
+    assert sorted(set(data.trainval.labels)) == sorted(set(data.test.labels))
+
+
+def test_caltech101_takes_30_per_class_deterministically_from_the_seed(tmp_path):
+    fake_caltech101(tmp_path)
+    a = load_dataset("caltech101", tmp_path, seed=0)
+    b = load_dataset("caltech101", tmp_path, seed=0)
+    c = load_dataset("caltech101", tmp_path, seed=1)
+    assert [a.trainval.labels.count(y) for y in range(3)] == [30, 30, 30]
+    assert [a.test.labels.count(y) for y in range(3)] == [3, 5, 1]
+    assert a.trainval.items == b.trainval.items and a.val.items == b.val.items
+    assert set(a.test.items) != set(c.test.items)
+    assert not set(a.trainval.items) & set(a.test.items)
+
+
+def test_held_out_validation_is_stratified_seeded_and_independent_of_other_classes():
+    labels = [0] * 10 + [1] * 20 + [2] * 1
+    kept, held = stratified_split(labels, 0.2, seed=3)
+    assert [sum(labels[p] == y for p in held) for y in range(3)] == [2, 4, 0]
+    assert sorted(kept + held) == list(range(len(labels)))
+    assert stratified_split(labels, 0.2, seed=3) == (kept, held)
+    # class 1's draw does not move when class 0 grows
+    more = [0] * 15 + [1] * 20
+    held_1 = [p - 10 for p in held if labels[p] == 1]
+    assert [p - 15 for p in stratified_split(more, 0.2, seed=3)[1] if more[p] == 1] == held_1
+    taken, rest = per_class_take(labels, 5, seed=0)
+    assert [sum(labels[p] == y for p in taken) for y in range(3)] == [5, 5, 1] and len(rest) == 20
+
+
+def test_sun397_uses_partition_1_and_names_the_missing_partition_files(tmp_path):
+    fake_sun397(tmp_path)
+    data = load_dataset("sun397", tmp_path)
+    assert data.classes == ["abbey", "bakery/shop", "campus"]
+    assert sorted(set(data.trainval.labels)) == [0, 1, 2]
+    (tmp_path / "SUN397" / "Testing_01.txt").unlink()
+    with pytest.raises(DatasetNotFound, match="Partitions.zip"):
+        load_dataset("sun397", tmp_path)
+
+
+def test_folder_dataset_with_and_without_test_split(demo_root, tmp_path):
+    data = load_dataset(f"folder:{demo_root}")
+    assert data.num_classes == 4 and data.metric == TOP1
+    assert data.sizes() == dict(train=40, val=8, trainval=48, test=24)   # val held out of train/
+    (tmp_path / "ds").mkdir()
+    for split in ("train", "val", "test"):
+        (tmp_path / "ds" / split).symlink_to(demo_root / ("train" if split == "train" else "val"))
+    data = load_dataset(f"folder:{tmp_path / 'ds'}")
+    assert data.sizes() == dict(train=48, val=24, trainval=72, test=24)
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(tmp_path):
+    with pytest.raises(DatasetNotFound) as e:
+        load_dataset("flowers102", tmp_path)
+    assert str(tmp_path / "flowers-102" / "jpg") in str(e.value) and "--download" in str(e.value)
+    with pytest.raises(DatasetNotFound, match="cannot download Stanford Cars") as e:
+        load_dataset("cars", tmp_path, download=True)
+    with pytest.raises(UserError, match="did you mean 'flowers102'"):
+        load_dataset("flowers", tmp_path)
+
+
+def test_reported_metric_is_mean_per_class_not_top1_on_imbalanced_data():
+    # 8 images of class 0 all right, 2 of class 1 all wrong: top-1 80 %, mean per class 50 %
+    targets = torch.tensor([0] * 8 + [1] * 2)
+    logits = torch.nn.functional.one_hot(torch.zeros(10, dtype=torch.long), 2).float()
+    model = torch.nn.Identity()
+    result = evaluate_classifier(model, [(logits, targets)], "cpu", num_classes=2)
+    assert result["top1"] == pytest.approx(80.0) and result[MEAN_PER_CLASS] == pytest.approx(50.0)

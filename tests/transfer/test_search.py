@@ -1,0 +1,80 @@
+"""Grid search: grid parsing, selection on val, retraining on train+val, restart skips finished cells,
+reports (CSV, markdown, heatmap) and the --all table."""
+import csv
+import json
+
+import pytest
+
+import transfer.finetune as ft
+import transfer.search as search
+from distill.core.errors import UserError
+from helpers import MULT, make_artifact
+
+COMMON = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--image-size", "32",
+          "-o", "train.eval_every=0"]
+
+
+def test_grid_axes_parse_with_aliases_and_colon_separated_multiplier_lists():
+    grid = search.parse_grid(["lr=0.01,0.003", "wd=1e-4,1e-5", "lr_mult=1,1,1,1,1:0.1,0.1,0.2,0.2,0.3"])
+    assert grid == {"optim.lr": [0.01, 0.003], "optim.weight_decay": [1e-4, 1e-5],
+                    "optim.lr_mult": [[1.0] * 5, MULT]}
+    cells = search.cells_of(grid)
+    assert len(cells) == 8 and len({search.cell_id(c) for c in cells}) == 8
+    assert search.cell_id(cells[-1]) == "lr=0.003_wd=1e-05_lr_mult=0.1-0.1-0.2-0.2-0.3"
+    with pytest.raises(UserError, match="not a config key"):
+        search.parse_grid(["lrate=0.1"])
+    with pytest.raises(UserError, match="wrong length"):
+        search.parse_grid(["lr_mult=1,1,1"])
+
+
+def test_default_grid_is_7x7_plus_multiplier_lists_for_distilled_backbones():
+    plain = search.default_grid({"recommended": {"transfer": [1.0] * 5}})
+    assert list(plain) == ["optim.lr", "optim.weight_decay"] and len(search.cells_of(plain)) == 49
+    distilled = search.default_grid({"recommended": {"transfer": MULT}})
+    assert distilled["optim.lr_mult"] == [MULT, [1.0] * 5] and len(search.cells_of(distilled)) == 98
+
+
+def test_search_selects_on_val_retrains_best_on_trainval_and_skips_finished_cells(tmp_path, demo_root,
+                                                                                  monkeypatch):
+    out = tmp_path / "search"
+    argv = ["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--out", str(out), *COMMON,
+            "--grid", "lr=0.05,0.01,1e6", "wd=1e-4"]
+    summary = search.main(argv)
+    with open(out / "search.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["cell"] for r in rows] == ["lr=0.05_wd=0.0001", "lr=0.01_wd=0.0001", "lr=1e+06_wd=0.0001"]
+    assert rows[2]["diverged"] == "True" and rows[2]["val"] == ""   # recorded, not fatal, never selected
+    rows = rows[:2]
+    best = max(rows, key=lambda r: float(r["val"]))
+    assert summary["best_cell"] == best["cell"] and summary["best_val"] == pytest.approx(float(best["val"]))
+    cell = json.loads((out / "cells" / rows[1]["cell"] / "results.json").read_text())
+    assert cell["eval_split"] == "val" and cell["finetune"]["at_train_size"]["n"] == 8     # selection on val
+    final = json.loads((out / "final" / best["cell"] / "results.json").read_text())
+    assert final["eval_split"] == "test" and final["finetune"]["at_train_size"]["n"] == 24  # reported on test
+    assert summary["test"] == final["score"] and summary["test_at_test_size"] == final["score_test_size"]
+    assert "Best cell" in (out / "search.md").read_text() and (out / "search.png").stat().st_size > 0
+
+    trained = []
+    real = ft.fine_tune
+    monkeypatch.setattr(ft, "fine_tune", lambda cfg, **kw: trained.append(cfg.out) or real(cfg, **kw))
+    search.main(argv[:-2] + ["lr=0.05,0.01,1e6,0.002", "wd=1e-4"])   # a restart with one more cell
+    assert trained[0] == str(out / "cells" / "lr=0.002_wd=0.0001")
+    assert not [t for t in trained if "/cells/" in t and "lr=0.002" not in t]   # finished cells skipped
+    with open(out / "search.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_all_writes_the_baseline_vs_distilled_table_and_survives_a_missing_dataset(tmp_path, demo_root):
+    distilled = make_artifact(tmp_path / "tiny_ssld.safetensors")
+    out = tmp_path / "all"
+    table = search.main(["--all", "--baseline", "timm:test_resnet", "--distilled", str(distilled),
+                         "--datasets", f"folder:{demo_root},flowers102", "--data-root", str(tmp_path / "none"),
+                         "--out", str(out), *COMMON, "--grid", "lr=0.05"])
+    assert [r["dataset"] for r in table] == [f"folder:{demo_root}", "flowers102"]
+    assert table[0]["baseline"] is not None and table[0]["distilled"] is not None
+    assert table[1]["baseline"] is None and table[1]["distilled"] is None
+    text = (out / "transfer_table.md").read_text()
+    assert "| flowers102 |  | n/a | n/a |" in text and "| baseline | distilled |" in text
+    # the distilled backbone's search also tried its recommended multipliers
+    cells = sorted(p.name for p in (out / f"folder-{demo_root.name}" / "tiny_ssld" / "cells").iterdir())
+    assert cells == ["lr=0.05_lr_mult=0.1-0.1-0.2-0.2-0.3", "lr=0.05_lr_mult=1-1-1-1-1"]
