@@ -58,3 +58,26 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+    """The model every rank steps: DistributedDataParallel under torchrun, the model itself otherwise."""
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain module under torch.compile and DDP (what checkpoints and artifacts hold)."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable object, in rank order ([obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

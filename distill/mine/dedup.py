@@ -46,7 +46,8 @@ from distill.data import UNLABELED
 from distill.core.images import UnreadableImage, load_rgb
 from distill.core.distributed import barrier, cleanup, init_distributed
 from distill.core.errors import UserError, run_cli
-from distill.mine.pool import Pool, gather, open_pool, relative_to, shard_loader
+from distill.core.distributed import gather_objects as gather
+from distill.mine.pool import Pool, open_pool, relative_to, shard_loader
 from distill.mine.teacher import add_teacher_args, load_mining_teacher
 from distill.mine.mining import stem_path, write_list
 from distill.core.precision import AMP_DTYPES, autocast

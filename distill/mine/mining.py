@@ -38,7 +38,8 @@ from distill.core.distributed import barrier, cleanup, init_distributed
 from distill.core.errors import UserError
 from distill.core.precision import AMP_DTYPES, autocast
 from distill.teacher import Teacher
-from .pool import WDS_ID_BITS, Pool, gather, normalized_exclude, open_pool, read_exclude, relative_to, shard_loader
+from distill.core.distributed import gather_objects as gather
+from .pool import WDS_ID_BITS, Pool, normalized_exclude, open_pool, read_exclude, relative_to, shard_loader
 from .teacher import add_teacher_args, load_mining_teacher
 from .topk import TopKPerClass
 

@@ -6,13 +6,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch.distributed as torch_dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distill.data import UNLABELED, WDS_IMAGE_KEYS, list_source, wds_source
 from distill.core.images import ListDataset, Skipped, UnreadableImage, collate_skipping, load_rgb
-from distill.core.distributed import is_distributed
 from distill.core.errors import UserError
 
 WDS_ID_BITS = 32                        # a WebDataset image's id: shard << 32 | position in the shard
@@ -149,15 +147,6 @@ def shard_loader(pool, shards, transform, batch_size, workers, exclude=frozenset
                       num_workers=min(workers, len(shards)), collate_fn=_as_is, pin_memory=pin)
 
 
-
-
-def gather(obj) -> list:
-    """Every rank's object, in rank order (just [obj] in one process)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(out, obj)
-    return out
 
 
 
