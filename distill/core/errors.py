@@ -1,13 +1,35 @@
 """User-facing errors: one exception type that every CLI turns into a one-line message, no traceback."""
+from __future__ import annotations
+
+import argparse
+import math
+import os
 import sys
+
+from distill.core.atomic import OUTPUT_ERRNOS, OutputError, is_torch_write_failure
+
+INTACT = "files written before this one are intact; free space, fix the permissions or choose another output folder, then rerun"
 
 
 class UserError(Exception):
     """Bad input from a person (a path, a name, a config value). The message says what and where."""
 
 
+def output_error_message(e: BaseException) -> str | None:
+    """One line for a write the file system refused (read-only or full output folder), else None."""
+    if isinstance(e, OutputError):
+        return f"{e} ({INTACT})"
+    if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
+        where = f"cannot write {e.filename}" if e.filename else "cannot write the output"
+        return f"{where}: {os.strerror(e.errno).lower()} ({INTACT})"
+    if is_torch_write_failure(e):
+        return f"a checkpoint write was cut short (torch: {str(e).splitlines()[0]}): the disk or quota is " \
+               f"probably full ({INTACT})"
+    return None
+
+
 def run_cli(main, argv=None) -> None:
-    """Run a CLI entry point; a UserError becomes `error: ...` on stderr and exit code 2."""
+    """Run a CLI entry point; a UserError or a refused write becomes `error: ...` on stderr and exit code 2."""
     try:
         main(argv)
     except UserError as e:
@@ -16,3 +38,34 @@ def run_cli(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except (OSError, RuntimeError) as e:
+        message = output_error_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def number_in(kind=int, low=None, high=None, low_open: bool = False):
+    """argparse `type=`: a number within [low, high] (`low_open`: low itself excluded), so a bad flag
+    fails at parse time naming the flag and the allowed range (argparse prefixes the flag)."""
+    if low is not None and high is not None:
+        allowed = f"in ({low}, {high}]" if low_open else f"in [{low}, {high}]"
+    elif low is not None:
+        allowed = f"> {low}" if low_open else f">= {low}"
+    else:
+        allowed = f"<= {high}"
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} {allowed}, got {text!r}") from None
+        if kind is float and not math.isfinite(value) or \
+                low is not None and (value <= low if low_open else value < low) or \
+                high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"expected {noun} {allowed}, got {text}")
+        return value
+    parse.__name__ = f"{kind.__name__} {allowed}"
+    return parse
