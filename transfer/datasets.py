@@ -239,7 +239,77 @@ def _read_food101(root: Path, download: bool, seed: int):
     return train.classes, Split.whole(train), None, Split.whole(test)
 
 
-class _FolderWithClasses(tvd.ImageFolder):
+def _key(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def folder_images(directory, class_to_idx: dict, is_valid_file) -> list[tuple[str, int]]:
+    """torchvision's ImageFolder listing (same order), minus what symlinks would add twice.
+
+    A directory symlink is followed only when it leads outside the folder tree (a dataset assembled from
+    links); one leading back into it (`ln -s .. train/circle/loop`, an alias of another class) is skipped,
+    and every file is listed once, at its real place when it has one inside the tree."""
+    directory = os.path.expanduser(str(directory))
+    in_tree_dirs, in_tree_files = set(), set()
+    for dirpath, _, filenames in os.walk(directory):           # followlinks=False: the tree itself
+        in_tree_dirs.add(_key(dirpath))
+        in_tree_files.update(_key(os.path.join(dirpath, f)) for f in filenames
+                             if not os.path.islink(os.path.join(dirpath, f)))
+    samples, seen_dirs, seen_files = [], set(), set()
+    for target_class in sorted(class_to_idx):
+        class_dir = os.path.join(directory, target_class)
+        if not os.path.isdir(class_dir):
+            continue
+        walked = []
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            seen_dirs.add(_key(dirpath))
+            kept = []
+            for d in dirnames:
+                full = os.path.join(dirpath, d)
+                if os.path.islink(full):
+                    try:
+                        k = _key(full)
+                    except OSError:                             # a dangling link
+                        continue
+                    if k in in_tree_dirs or k in seen_dirs:
+                        continue
+                    seen_dirs.add(k)
+                kept.append(d)
+            dirnames[:] = kept
+            walked.append((dirpath, filenames))
+        for dirpath, filenames in sorted(walked):
+            for name in sorted(filenames):
+                path = os.path.join(dirpath, name)
+                if not is_valid_file(path):
+                    continue
+                try:
+                    k = _key(path)
+                except OSError:
+                    continue
+                if k in seen_files or (os.path.islink(path) and k in in_tree_files):
+                    continue
+                seen_files.add(k)
+                samples.append((path, class_to_idx[target_class]))
+    return samples
+
+
+class _ImageFolder(tvd.ImageFolder):
+    """torchvision's ImageFolder with the symlink-safe listing of `folder_images`."""
+
+    def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
+        from torchvision.datasets.folder import has_file_allowed_extension
+        valid = is_valid_file or (lambda p: has_file_allowed_extension(p, extensions))
+        samples = folder_images(directory, class_to_idx, valid)
+        present = {y for _, y in samples}
+        empty = sorted(c for c, i in class_to_idx.items() if i not in present)
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"found no images for the classes {', '.join(empty)} "
+                                    f"(extensions {', '.join(extensions or ())})")
+        return samples
+
+
+class _FolderWithClasses(_ImageFolder):
     """An ImageFolder whose class list is given (the train folder's), so val/test labels agree with it."""
 
     def __init__(self, root, classes):
@@ -254,7 +324,7 @@ def read_image_folder(path: Path):
     """PATH/train, PATH/val and optionally PATH/test. Without test/, val/ is the reported split and the
     selection split is held out of train/ (so that train+val never contains the reported images)."""
     try:
-        train = tvd.ImageFolder(path / "train")
+        train = _ImageFolder(path / "train")
         val = _FolderWithClasses(path / "val", train.classes)
         test = _FolderWithClasses(path / "test", train.classes) if (path / "test").is_dir() else None
     except (FileNotFoundError, RuntimeError) as e:

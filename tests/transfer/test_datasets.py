@@ -1,7 +1,9 @@
 """Each transfer dataset built from a small fake folder in its torchvision layout: split sizes, metric,
 determinism of the seeded splits, and the message for a missing dataset."""
 import json
+import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -277,3 +279,38 @@ def test_reported_metric_is_mean_per_class_not_top1_on_imbalanced_data():
     model = torch.nn.Identity()
     result = evaluate_classifier(model, [(logits, targets)], "cpu", num_classes=2)
     assert result["top1"] == pytest.approx(80.0) and result[MEAN_PER_CLASS] == pytest.approx(50.0)
+
+
+def _copy_tree(src, dst):
+    import shutil
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+def test_symlink_loop_in_an_image_folder_neither_inflates_nor_mislabels(demo_root, tmp_path):
+    ds = tmp_path / "ds"
+    for split in ("train", "val"):
+        _copy_tree(demo_root / split, ds / split)
+    clean = load_dataset(f"folder:{ds}")
+    classes = sorted(p.name for p in (ds / "train").iterdir())
+    (ds / "train" / classes[0] / "loop").symlink_to("..")                  # the whole split again, and again
+    (ds / "train" / classes[1] / "alias").symlink_to(ds / "train" / classes[2])  # another class's images
+    (ds / "train" / classes[1] / "self").symlink_to(".")
+    looped = load_dataset(f"folder:{ds}")
+    assert looped.sizes() == clean.sizes()
+    assert looped.train.items == clean.train.items and looped.train.labels == clean.train.labels
+    paths = [looped.train.sources[s].samples[j][0] for s, j in looped.trainval.items]
+    assert len(set(map(os.path.realpath, paths))) == len(paths) and not any(set(Path(p).relative_to(ds).parts) & {"loop", "alias", "self"} for p in paths)
+    for path, label in (looped.train.sources[0].samples):
+        assert os.path.relpath(path, ds / "train").split(os.sep)[0] == classes[label]
+
+
+def test_directory_symlink_out_of_the_tree_is_followed(demo_root, tmp_path):
+    """A dataset assembled from links (images kept elsewhere) still reads: links leaving the tree count."""
+    ds = tmp_path / "ds"
+    _copy_tree(demo_root / "val", ds / "val")
+    for c in (demo_root / "train").iterdir():
+        (ds / "train" / c.name).mkdir(parents=True)
+        (ds / "train" / c.name / "elsewhere").symlink_to(c)
+    data = load_dataset(f"folder:{ds}")
+    assert data.sizes() == load_dataset(f"folder:{demo_root}").sizes()
