@@ -3,10 +3,11 @@
 Every dataset gives four splits: `train` and `val` for model selection, `trainval` (their union) for the
 final fit, and `test` for the reported number. Official splits are used where they exist (Flowers
 train/val/test, DTD split 1, Aircraft variant train/val/test); elsewhere `val` is a stratified held-out
-fraction of the official training set, drawn from a seed. Caltech101 takes 30 training images per class
-(seeded) and tests on the rest; SUN397 uses partition 1 (Training_01.txt / Testing_01.txt).
+fraction of the official training set, drawn from a seed. Caltech101 has the protocol's 102 classes
+(BACKGROUND_Google included, which torchvision drops), takes 30 training images per class (seeded) and
+tests on the rest; SUN397 uses partition 1 (Training_01.txt / Testing_01.txt).
 
-    python -m transfer.datasets [--data-root DIR]     # where each dataset is looked for, and its splits
+    python -m transfer.datasets [NAME ...] [--data-root DIR] [--download]   # found split sizes vs the protocol's
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torchvision.datasets as tvd
 from torch.utils.data import Dataset
 
 from distill.core.images import Skipped
+from distill.core.atomic import OUTPUT_ERRNOS
 from distill.core.errors import UserError, run_cli
 
 MEAN_PER_CLASS, TOP1 = "mean_per_class", "top1"
@@ -166,10 +168,13 @@ def _read_flowers102(root: Path, download: bool, seed: int):
 
 
 def _read_caltech101(root: Path, download: bool, seed: int):
-    ds = tvd.Caltech101(root, download=download)
+    """All 102 folders of 101_ObjectCategories: torchvision drops BACKGROUND_Google, the protocol keeps it."""
+    if download:
+        tvd.Caltech101(root, download=True)
+    ds = _ImageFolder(root / "caltech101" / "101_ObjectCategories")
     whole = Split.whole(ds)
     train, test = per_class_take(whole.labels, CALTECH101_TRAIN_PER_CLASS, seed)
-    return ds.categories, whole.subset(train), None, whole.subset(test)
+    return ds.classes, whole.subset(train), None, whole.subset(test)
 
 
 def _read_pets(root: Path, download: bool, seed: int):
@@ -346,6 +351,7 @@ class DatasetSpec:
     required: tuple                  # paths under the root that torchvision needs
     obtain: str                      # how to get it
     read: Callable
+    protocol: tuple = ()             # (train, test) images in Kornblith et al. 2019, Table 1; train = trainval
     downloadable: bool = True
 
 
@@ -358,27 +364,27 @@ SPECS = {s.name: s for s in [
                 ("flowers-102/jpg", "flowers-102/imagelabels.mat", "flowers-102/setid.mat"),
                 _download_hint("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/ (102flowers.tgz, "
                                "imagelabels.mat, setid.mat)", "ROOT/flowers-102/jpg/image_00001.jpg exists"),
-                _read_flowers102),
-    DatasetSpec("caltech101", "Caltech-101", MEAN_PER_CLASS, 101, ("caltech101/101_ObjectCategories",),
+                _read_flowers102, protocol=(2040, 6149)),
+    DatasetSpec("caltech101", "Caltech-101", MEAN_PER_CLASS, 102, ("caltech101/101_ObjectCategories",),
                 _download_hint("https://data.caltech.edu/records/mzrjq-6wc02 (caltech-101.zip; torchvision "
                                "needs gdown)", "ROOT/caltech101/101_ObjectCategories/<class>/image_0001.jpg exists"),
-                _read_caltech101),
+                _read_caltech101, protocol=(3060, 6084)),
     DatasetSpec("pets", "Oxford-IIIT Pets", MEAN_PER_CLASS, 37,
                 ("oxford-iiit-pet/images", "oxford-iiit-pet/annotations/trainval.txt",
                  "oxford-iiit-pet/annotations/test.txt"),
                 _download_hint("https://www.robots.ox.ac.uk/~vgg/data/pets/ (images.tar.gz, annotations.tar.gz)",
                                "ROOT/oxford-iiit-pet/images and ROOT/oxford-iiit-pet/annotations exist"),
-                _read_pets),
+                _read_pets, protocol=(3680, 3669)),
     DatasetSpec("dtd", "Describable Textures (split 1)", TOP1, 47,
                 ("dtd/dtd/images", "dtd/dtd/labels/train1.txt"),
                 _download_hint("https://www.robots.ox.ac.uk/~vgg/data/dtd/ (dtd-r1.0.1.tar.gz)",
                                "ROOT/dtd/dtd/images and ROOT/dtd/dtd/labels exist"),
-                _read_dtd),
+                _read_dtd, protocol=(3760, 1880)),
     DatasetSpec("aircraft", "FGVC-Aircraft (variant)", MEAN_PER_CLASS, 100,
                 ("fgvc-aircraft-2013b/data/images", "fgvc-aircraft-2013b/data/variants.txt"),
                 _download_hint("https://www.robots.ox.ac.uk/~vgg/data/fgvc-aircraft/ (fgvc-aircraft-2013b.tar.gz)",
                                "ROOT/fgvc-aircraft-2013b/data/images exists"),
-                _read_aircraft),
+                _read_aircraft, protocol=(6667, 3333)),
     DatasetSpec("cars", "Stanford Cars", TOP1, 196,
                 ("stanford_cars/devkit/cars_meta.mat", "stanford_cars/devkit/cars_train_annos.mat",
                  "stanford_cars/cars_train", "stanford_cars/cars_test",
@@ -387,25 +393,25 @@ SPECS = {s.name: s for s in [
                 "Get a copy of the original release (cars_train.tgz, cars_test.tgz, car_devkit.tgz and "
                 "cars_test_annos_withlabels.mat, e.g. from the Kaggle or Hugging Face mirrors) and arrange it as "
                 "ROOT/stanford_cars/{devkit/,cars_train/,cars_test/,cars_test_annos_withlabels.mat}",
-                _read_cars, downloadable=False),
+                _read_cars, protocol=(8144, 8041), downloadable=False),
     DatasetSpec("sun397", "SUN397 (split 1)", TOP1, 397, ("SUN397/ClassName.txt",),
                 _download_hint("http://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
                                "ROOT/SUN397/ClassName.txt exists")
                 + "; the split-1 partition files come separately: unzip "
                 "https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip into ROOT/SUN397",
-                _read_sun397),
+                _read_sun397, protocol=(19850, 19850)),
     DatasetSpec("cifar10", "CIFAR-10", TOP1, 10, ("cifar-10-batches-py/data_batch_1",),
                 _download_hint("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
                                "ROOT/cifar-10-batches-py/data_batch_1 exists"),
-                _read_cifar(tvd.CIFAR10)),
+                _read_cifar(tvd.CIFAR10), protocol=(50000, 10000)),
     DatasetSpec("cifar100", "CIFAR-100", TOP1, 100, ("cifar-100-python/train",),
                 _download_hint("https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
                                "ROOT/cifar-100-python/train exists"),
-                _read_cifar(tvd.CIFAR100)),
+                _read_cifar(tvd.CIFAR100), protocol=(50000, 10000)),
     DatasetSpec("food101", "Food-101", TOP1, 101, ("food-101/meta/train.json", "food-101/images"),
                 _download_hint("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
                                "ROOT/food-101/meta and ROOT/food-101/images exist"),
-                _read_food101),
+                _read_food101, protocol=(75750, 25250)),
 ]}
 TEN = tuple(SPECS)
 DEMO_SIZE = dict(num_classes=8, train_per_class=60, val_per_class=20, image_size=96, seed=0)
@@ -453,9 +459,16 @@ def load_dataset(name: str, root=None, download: bool = False, val_fraction: flo
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted"
             raise DatasetNotFound(f"{spec.title} under {root}: torchvision says {e}. "
                                   f"{spec.obtain.replace('ROOT', str(root))}") from None
-        except ImportError as e:  # Flowers102 and StanfordCars read .mat files with scipy
-            raise UserError(f"{spec.title} needs {e.name or 'scipy'} to read its annotation files: "
+        except ImportError as e:  # Flowers102 and StanfordCars read .mat files with scipy; Caltech101's download gdown
+            raise UserError(f"{spec.title} needs {e.name or 'scipy'} to read or fetch its files: "
                             f"pip install {e.name or 'scipy'}") from None
+        except OSError as e:      # urllib.error.URLError, socket errors: no network, a proxy, a dead mirror
+            if not download or getattr(e, "errno", None) in OUTPUT_ERRNOS:
+                raise
+            reason = getattr(e, "reason", None) or e.strerror or e
+            raise DatasetNotFound(f"{spec.title} ({spec.name}): --download failed ({type(e).__name__}: {reason}); "
+                                  f"without network, {spec.obtain.replace('ROOT', str(root))}".replace(
+                                      "pass --download to let torchvision fetch it, or ", "")) from None
         metric = spec.metric
     else:
         import difflib
@@ -471,22 +484,41 @@ def load_dataset(name: str, root=None, download: bool = False, val_fraction: flo
     return TransferData(name, metric, list(classes), train, val, test, root)
 
 
+def protocol_table(names, root: Path, download: bool = False) -> tuple[list[str], list[str]]:
+    """(lines, names not found): per dataset the classes and split sizes found next to the protocol's."""
+    lines, missing = [], []
+    for name in names:
+        spec = SPECS.get(name)
+        want = (f"protocol {spec.num_classes} classes, train {spec.protocol[0]}, test {spec.protocol[1]}"
+                if spec and spec.protocol else "")
+        try:
+            d = load_dataset(name, root, download=download)
+        except UserError as e:
+            missing.append(name)
+            lines.append(f"{name:11s} missing{' (' + want + ')' if want else ''}: {e}")
+            continue
+        s = d.sizes()
+        found = (d.num_classes, s["trainval"], s["test"])
+        verdict = ("" if not want else "  = protocol" if found == (spec.num_classes, *spec.protocol) else
+                   f"  differs from the {want}")
+        lines.append(f"{name:11s} {d.num_classes} classes, train {s['trainval']} (fit {s['train']} + val "
+                     f"{s['val']}), test {s['test']}, metric {d.metric}{verdict} ({d.root})")
+    return lines, missing
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m transfer.datasets", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"datasets to check (default: the ten); {dataset_names()}")
     parser.add_argument("--data-root", default=None, help="default $SSLD_DATA or ./data")
+    parser.add_argument("--download", action="store_true", help="let torchvision fetch the missing ones (network)")
     args = parser.parse_args(argv)
     root = Path(args.data_root).expanduser() if args.data_root else default_data_root()
     print(f"data root: {root.resolve()}")
-    for name in args.names or TEN:
-        try:
-            d = load_dataset(name, root)
-        except UserError as e:
-            print(f"{name:11s} missing: {e}")
-            continue
-        s = d.sizes()
-        print(f"{name:11s} {d.num_classes} classes, metric {d.metric}: train {s['train']}, val {s['val']}, "
-              f"test {s['test']} ({d.root})")
+    lines, missing = protocol_table(args.names or TEN, root, args.download)
+    print("\n".join(lines), flush=True)
+    if args.names and missing:   # asked for by name: a script must see that they are not there
+        raise UserError(f"{len(missing)} of {len(args.names)} datasets not found under {root}: "
+                        f"{', '.join(missing)} (the reasons are listed above)")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from PIL import Image
 
 from distill.core.errors import UserError
 from distill.core.metrics import evaluate_classifier
-from transfer.datasets import (MEAN_PER_CLASS, SPECS, TOP1, DatasetNotFound, load_dataset, per_class_take,
-                               stratified_split)
+from transfer.datasets import (MEAN_PER_CLASS, SPECS, TEN, TOP1, DatasetNotFound, load_dataset, per_class_take,
+                               protocol_table, stratified_split)
+from transfer.datasets import main as datasets_main
 
 
 def _jpg(path, seed=0):
@@ -47,9 +48,10 @@ def fake_caltech101(root):
     for c, n in (("accordion", 33), ("airplanes", 35), ("anchor", 31)):
         for i in range(1, n + 1):
             _jpg(base / c / f"image_{i:04d}.jpg", i)
-    _jpg(base / "BACKGROUND_Google" / "image_0001.jpg")  # torchvision drops this folder
-    # 30 per class for training (6 of them held out as val), the rest (3 + 5 + 1) for test
-    return dict(train=72, val=18, test=9)
+    for i in range(1, 33):   # torchvision drops this folder; the protocol's 102 classes keep it
+        _jpg(base / "BACKGROUND_Google" / f"image_{i:04d}.jpg", 100 + i)
+    # 30 per class for training (6 of them held out as val), the rest (2 + 3 + 5 + 1) for test
+    return dict(train=96, val=24, test=11)
 
 
 def fake_pets(root):
@@ -220,8 +222,9 @@ def test_caltech101_takes_30_per_class_deterministically_from_the_seed(tmp_path)
     a = load_dataset("caltech101", tmp_path, seed=0)
     b = load_dataset("caltech101", tmp_path, seed=0)
     c = load_dataset("caltech101", tmp_path, seed=1)
-    assert [a.trainval.labels.count(y) for y in range(3)] == [30, 30, 30]
-    assert [a.test.labels.count(y) for y in range(3)] == [3, 5, 1]
+    assert a.classes == ["BACKGROUND_Google", "accordion", "airplanes", "anchor"]
+    assert [a.trainval.labels.count(y) for y in range(4)] == [30, 30, 30, 30]
+    assert [a.test.labels.count(y) for y in range(4)] == [2, 3, 5, 1]
     assert a.trainval.items == b.trainval.items and a.val.items == b.val.items
     assert set(a.test.items) != set(c.test.items)
     assert not set(a.trainval.items) & set(a.test.items)
@@ -314,3 +317,34 @@ def test_directory_symlink_out_of_the_tree_is_followed(demo_root, tmp_path):
         (ds / "train" / c.name / "elsewhere").symlink_to(c)
     data = load_dataset(f"folder:{ds}")
     assert data.sizes() == load_dataset(f"folder:{demo_root}").sizes()
+
+
+def test_caltech101_has_the_protocols_102_classes():
+    assert SPECS["caltech101"].num_classes == 102 and SPECS["caltech101"].protocol == (3060, 6084)
+
+
+def test_the_table_shows_found_split_sizes_next_to_the_protocols(tmp_path, skip_md5, capsys):
+    fake_caltech101(tmp_path)
+    with pytest.raises(UserError, match="1 of 2 datasets not found.*flowers102"):
+        datasets_main(["caltech101", "flowers102", "--data-root", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[1].startswith("caltech101  4 classes, train 120 (fit 96 + val 24), test 11, metric mean_per_class")
+    assert "differs from the protocol 102 classes, train 3060, test 6084" in out[1]
+    assert out[2].startswith("flowers102  missing (protocol 102 classes, train 2040, test 6149)")
+    lines, missing = protocol_table(TEN, tmp_path)
+    assert len(lines) == 10 and len(missing) == 9
+    assert all(f"train {s.protocol[0]}, test {s.protocol[1]}" in line for s, line in zip(SPECS.values(), lines))
+
+
+def test_download_without_network_names_the_dataset_and_the_manual_download(tmp_path, monkeypatch):
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError(ConnectionRefusedError(111, "Connection refused"))
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    with pytest.raises(DatasetNotFound) as e:
+        load_dataset("cifar10", tmp_path, download=True)
+    message = str(e.value)
+    assert message.startswith("CIFAR-10 (cifar10): --download failed (URLError: ")
+    assert "cifar-10-python.tar.gz yourself" in message and str(tmp_path / "cifar-10-batches-py") in message
