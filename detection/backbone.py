@@ -15,6 +15,7 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from distill.core.errors import UserError
+from distill.students.decay import matched_weight_decay
 from distill.students.stages import stage_param_groups
 
 STRIDES = (4, 8, 16, 32)
@@ -32,10 +33,14 @@ def default_multipliers(meta: dict) -> list[float]:
     return list((meta.get("recommended") or {}).get("detection") or [1.0] * 5)
 
 
+def matched_decay(meta: dict) -> tuple[float, str]:
+    """(weight decay, where it came from) for SGD: the student's own coupled L2, else 1e-4; refuses AdamW's."""
+    return matched_weight_decay(meta, DEFAULT_WEIGHT_DECAY, flag="-o optim.weight_decay=VALUE")
+
+
 def default_weight_decay(meta: dict) -> float:
-    """Matched l2 decay: the value the student was pretrained with (DESIGN.md)."""
-    wd = (meta.get("pretrain") or {}).get("weight_decay")
-    return float(wd) if wd is not None else DEFAULT_WEIGHT_DECAY
+    """Matched L2 decay: the value the student was pretrained with, when it is an SGD-style (coupled) L2."""
+    return matched_decay(meta)[0]
 
 
 def feature_indices(model: nn.Module) -> list[int]:

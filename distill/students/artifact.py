@@ -1,6 +1,6 @@
 """The student artifact: one `NAME.safetensors` with a JSON document under the metadata key `ssld`.
 
-This is the contract between distill/ (producer) and transfer/, detection/ (consumers); see DESIGN.md.
+This is the contract between distill/ (producer) and transfer/, detection/ (consumers).
 Weights are the timm architecture's state dict unchanged, so timm can load the file directly too.
 """
 from __future__ import annotations
@@ -59,8 +59,10 @@ def build_meta(name: str, num_classes: int, *, arch: str | None = None, model: n
         format_version=FORMAT_VERSION, name=name, arch=arch, num_classes=num_classes,
         stages=dict(family=family, layout=stage_layout(model, family), help=LAYOUT_HELP[family]),
         preprocessing=default_preprocessing(),
-        pretrain=dict(weight_decay=None, epochs=None, teacher=None, loss=None, data=None,
-                      top1=None, top1_test_res=None),
+        # weight_decay_kind: "coupled" (L2 in the gradient: PaddleClas, torch SGD) or "decoupled" (AdamW);
+        # see distill.students.decay for how consumers reuse it
+        pretrain=dict(weight_decay=None, weight_decay_kind=None, weight_decay_source=None, epochs=None,
+                      teacher=None, loss=None, data=None, top1=None, top1_test_res=None),
         recommended=dict(transfer=list(entry.transfer_mult), detection=list(entry.detection_mult)),
     )
     for key, value in sections.items():
@@ -85,21 +87,58 @@ def known_students() -> list[str]:
     return sorted(p.stem for p in home.glob("*.safetensors")) if home.is_dir() else []
 
 
+LOCAL_DIR, HF_HUB = "local-dir:", "hf-hub:"
+FOLDER_WEIGHTS = "model.safetensors"  # timm / Hugging Face model folder: config.json + model.safetensors
+TRAIN_RECIPE = "python -m distill.ssld -c configs/r50.yaml, then -c configs/r50_ft.yaml"
+
+
+def _folder_weights(folder: Path, name) -> Path:
+    weights = folder / FOLDER_WEIGHTS
+    if not weights.is_file():
+        raise ArtifactError(f"{name}: {folder} has no {FOLDER_WEIGHTS}; expected a folder written by "
+                            "python -m distill.export (config.json + model.safetensors)")
+    return weights
+
+
+def _how_to_get(name: str) -> str:
+    from distill.students.download import PUBLISHED, convert_command  # download imports this module
+
+    stem = Path(name).name.removesuffix(".safetensors")
+    if stem in PUBLISHED:
+        entry = PUBLISHED[stem]
+        get = (f"Get it: python -m distill.convert --download {stem} (PaddleClas's published weights), "
+               f"or fetch {entry.file} by hand and run {convert_command(entry)}")
+    else:
+        get = ("Get one: python -m distill.convert --download NAME (python -m distill.zoo lists the names), "
+               "or python -m distill.convert FILE.pdparams --arch ARCH")
+    return f"{get}; or train one: {TRAIN_RECIPE}. For a plain timm model use timm:ARCH."
+
+
 def resolve_student(name) -> Path:
-    """An existing path; else $SSLD_HOME/NAME.safetensors (default ~/.cache/ssld)."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
+    """The artifact file for a path (`./r50_vd_ssld`, `x.safetensors`), a name in the current folder or
+    $SSLD_HOME (default ~/.cache/ssld), or `local-dir:FOLDER` (an exported timm folder's model.safetensors)."""
+    text = str(name)
+    if text.startswith(LOCAL_DIR):
+        folder = Path(text[len(LOCAL_DIR):]).expanduser()
+        if not folder.is_dir():
+            raise ArtifactError(f"no model folder {folder} (from {text!r}); write one with python -m distill.export")
+        return _folder_weights(folder, text)
+    path = Path(text).expanduser()
+    with_suffix = path if path.suffix == ".safetensors" or not path.name else path.with_name(path.name + ".safetensors")
     home = ssld_home()
-    candidate = home / (path.name if path.suffix == ".safetensors" else f"{path.name}.safetensors")
-    if candidate.is_file():
-        return candidate
+    in_home = home / with_suffix.name
+    tried = [path, with_suffix] if with_suffix != path else [path]
+    bare = len(path.parts) == 1 and not text.startswith(".")
+    for candidate in [*tried, *([in_home] if bare else [])]:
+        if candidate.is_file():
+            return candidate
+    if path.is_dir() and (path / FOLDER_WEIGHTS).is_file():
+        return path / FOLDER_WEIGHTS
     known = known_students()
+    searched = ", ".join(str(p) for p in tried) + (f", then {in_home}" if bare else "")
     raise ArtifactError(
-        f"no student artifact {str(name)!r}: not a file, and not found as {candidate}. "
-        f"Searched: the path itself, then {home} (set $SSLD_HOME to change it). "
-        f"Known students there: {', '.join(known) if known else 'none'}. "
-        "For a plain timm model use timm:ARCH.")
+        f"no student artifact {text!r}: looked for {searched} (set $SSLD_HOME to change {home}; "
+        f"installed there: {', '.join(known) if known else 'none'}). " + _how_to_get(text))
 
 
 def read_meta(name_or_path) -> dict:
@@ -109,6 +148,8 @@ def read_meta(name_or_path) -> dict:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{path} is not a readable safetensors file: {e}") from None
+    if METADATA_KEY not in metadata and path.name == FOLDER_WEIGHTS:
+        metadata = _config_metadata(path.parent)  # a model folder keeps the metadata in config.json too
     if METADATA_KEY not in metadata:
         raise ArtifactError(f"{path} has no '{METADATA_KEY}' metadata: not an ssld-kit student artifact "
                             "(convert PaddleClas weights with python -m distill.convert)")
@@ -120,6 +161,29 @@ def read_meta(name_or_path) -> dict:
         raise ArtifactError(f"{path} has format version {meta['format_version']}; this ssld-kit reads "
                             f"up to {FORMAT_VERSION}: upgrade ssld-kit")
     return meta
+
+
+def _config_metadata(folder: Path) -> dict:
+    config = folder / "config.json"
+    try:
+        ssld = json.loads(config.read_text()).get(METADATA_KEY) if config.is_file() else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+    return {METADATA_KEY: json.dumps(ssld)} if isinstance(ssld, dict) else {}
+
+
+def hf_snapshot(repo: str) -> Path:
+    """The local folder of hub repo `ORG/NAME[@REVISION]` (config.json + model.safetensors; cached by huggingface_hub)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ArtifactError(f"{HF_HUB}{repo} needs the huggingface_hub package: pip install huggingface_hub") from None
+    repo_id, _, revision = repo.partition("@")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None,
+                                      allow_patterns=["config.json", FOLDER_WEIGHTS]))
+    except Exception as e:  # offline, unknown repo, auth: huggingface_hub raises many types
+        raise ArtifactError(f"cannot fetch {HF_HUB}{repo} from the Hugging Face Hub: {type(e).__name__}: {e}") from None
 
 
 def check_state_dict(model: nn.Module, state: dict, source) -> None:
@@ -140,7 +204,8 @@ def check_state_dict(model: nn.Module, state: dict, source) -> None:
 
 def load_student(name_or_path, num_classes: int | None = None, pretrained: bool = False,
                  map_location="cpu") -> tuple[nn.Module, dict]:
-    """Model + metadata from an artifact path/name, or `timm:ARCH` (random init unless pretrained=True).
+    """Model + metadata from an artifact path/name, `local-dir:FOLDER` / `hf-hub:ORG/NAME` (a model folder
+    written by python -m distill.export), or `timm:ARCH` (random init unless pretrained=True).
 
     With a different `num_classes`, the classifier is re-initialised and every other tensor is exact.
     """
@@ -156,6 +221,8 @@ def load_student(name_or_path, num_classes: int | None = None, pretrained: bool 
         meta = build_meta(entry.name, n, model=model, preprocessing=prep,
                           pretrain=dict(source="timm pretrained" if pretrained else "random init"))
         return model, meta
+    if str(name_or_path).startswith(HF_HUB):
+        name_or_path = LOCAL_DIR + str(hf_snapshot(str(name_or_path)[len(HF_HUB):]))
     path = resolve_student(name_or_path)
     meta = read_meta(path)
     model = zoo.create_model(meta["arch"], num_classes=meta["num_classes"])

@@ -23,12 +23,14 @@ from distill.students.artifact import build_meta, default_preprocessing, save_st
 from distill.core.errors import UserError, run_cli
 from distill.students.pdparams import load_pdparams
 
-# Paddle's Dropout(p=0.2, mode="downscale_in_infer") in PaddleClas MobileNetV3 scales the classifier
-# input by 0.8 at inference; timm's dropout is identity at inference, so the classifier absorbs it.
+# Paddle's Dropout(p, mode="downscale_in_infer") (PaddleClas MobileNetV3, PP-LCNet) scales the classifier
+# input by 1 - p at inference; timm's dropout is identity at inference, so the classifier absorbs it.
 PADDLE_MV3_DROPOUT = 0.2
 
-# Paddle parameter names -> torch names (Conv2D/Linear weight+bias, BatchNorm affine + running stats).
-PARAM_NAMES = {"weight": "weight", "bias": "bias", "_mean": "running_mean", "_variance": "running_var"}
+# Paddle parameter names -> torch names (Conv2D/Linear weight+bias, BatchNorm affine + running stats,
+# PP-HGNetV2's learnable affine scale).
+PARAM_NAMES = {"weight": "weight", "bias": "bias", "_mean": "running_mean", "_variance": "running_var",
+               "scale": "scale"}
 
 
 class ConversionError(UserError):
@@ -40,16 +42,47 @@ class PaddleArch:
     name: str          # our zoo name
     paddle_name: str   # PaddleClas model name
     timm_arch: str     # timm model whose state dict the weights fill unchanged
-    family: str        # module-path mapping: resnet_vd | mobilenetv3
+    family: str        # module-path mapping, a key of MODULE_MAPS
+    classifier: str = "fc"      # PaddleClas module name of the final Linear
+    inference_dropout: float = 0.0  # p of a downscale_in_infer Dropout before it
+
+
+def _width(scale: float) -> str:
+    """PaddleClas's width suffix: 0.35 -> x0_35, 1.0 -> x1_0, 2.5 -> x2_5."""
+    text = f"{scale:g}"
+    return "x" + (text if "." in text else text + ".0").replace(".", "_")
+
+
+def _mv3_archs():
+    for size in ("large", "small"):
+        for tag, scale in paddle_models.MV3_WIDTHS.items():
+            yield PaddleArch(f"mv3_{size}" if scale == 1.0 else f"mv3_{size}_{_width(scale)}",
+                             f"MobileNetV3_{size}_{_width(scale)}", f"mobilenetv3_{size}_{tag}_paddle", "mobilenetv3",
+                             inference_dropout=PADDLE_MV3_DROPOUT)
+
+
+def _lcnet_archs():
+    for tag, scale in paddle_models.LCNET_WIDTHS.items():
+        yield PaddleArch(f"pplcnet_{_width(scale)}", f"PPLCNet_{_width(scale)}", f"lcnet_{tag}_paddle", "lcnet",
+                         inference_dropout=PADDLE_MV3_DROPOUT)
 
 
 PADDLE_ARCHS = {a.name: a for a in [
+    PaddleArch("r18_vd", "ResNet18_vd", "resnet18d_paddle", "resnet_vd"),  # stage-1 projection: not resnet18d
+    PaddleArch("r34_vd", "ResNet34_vd", "resnet34d_paddle", "resnet_vd"),
     PaddleArch("r50_vd", "ResNet50_vd", "resnet50d", "resnet_vd"),
     PaddleArch("r101_vd", "ResNet101_vd", "resnet101d", "resnet_vd"),
     PaddleArch("r152_vd", "ResNet152_vd", "resnet152d", "resnet_vd"),
     PaddleArch("r200_vd", "ResNet200_vd", "resnet200d_paddle", "resnet_vd"),  # depths differ from resnet200d
-    PaddleArch("mv3_large", "MobileNetV3_large_x1_0", "mobilenetv3_large_100_paddle", "mobilenetv3"),
-    PaddleArch("mv3_small", "MobileNetV3_small_x1_0", "mobilenetv3_small_100_paddle", "mobilenetv3"),
+    *(PaddleArch(f"res2net{d}_vd_26w_4s", f"Res2Net{d}_vd_26w_4s", f"res2net{d}_vd_26w_4s_paddle", "res2net_vd",
+                 classifier="out") for d in paddle_models.RES2NET_DEPTHS),
+    PaddleArch("mv1", "MobileNetV1", "mobilenetv1_100_paddle", "mobilenetv1"),
+    PaddleArch("mv2", "MobileNetV2", "mobilenetv2_100_paddle", "mobilenetv2", classifier="out"),
+    *_mv3_archs(),
+    *_lcnet_archs(),
+    *(PaddleArch(f"hgnetv2_b{i}", f"PPHGNetV2_B{i}", f"hgnetv2_b{i}", "hgnetv2") for i in range(7)),
+    PaddleArch("resnext101_32x16d_wsl", "ResNeXt101_32x16d_wsl", "resnext101_32x16d", "resnext_wsl",
+               classifier="_out"),
 ]}
 
 
@@ -59,8 +92,16 @@ def get_paddle_arch(name: str) -> PaddleArch:
         if name in (arch.name, arch.paddle_name):
             return arch
     supported = ", ".join(f"{a.name} ({a.paddle_name})" for a in PADDLE_ARCHS.values())
-    raise ConversionError(f"unknown --arch {name!r}; supported: {supported}. ResNet18_vd/34_vd have an extra "
-                          "projection in stage 1 that timm's resnet18d/34d lack, so they are not converted yet")
+    raise ConversionError(f"unknown --arch {name!r}; supported: {supported}")
+
+
+def _conv_bn(src: str, dst_conv: str, dst_bn: str, conv: str = "conv", bn: str = "bn") -> dict[str, str]:
+    return {f"{src}.{conv}": dst_conv, f"{src}.{bn}": dst_bn}
+
+
+def _flat_blocks(model: nn.Module) -> list[str]:
+    """timm EfficientNet/MobileNetV3 blocks in forward order (`blocks.S.J`)."""
+    return [f"blocks.{s}.{j}" for s, stage in enumerate(model.blocks) for j in range(len(stage))]
 
 
 def _resnet_vd_modules(model: nn.Module) -> dict[str, str]:
@@ -69,22 +110,76 @@ def _resnet_vd_modules(model: nn.Module) -> dict[str, str]:
                "stem.1.bn": "conv1.4", "stem.2.conv": "conv1.6", "stem.2.bn": "bn1", "fc": "fc"}
     n = 0
     for stage in range(1, 5):
-        for b in range(len(getattr(model, f"layer{stage}"))):
+        for b, block in enumerate(getattr(model, f"layer{stage}")):
             dst = f"layer{stage}.{b}"
-            for i in range(3):  # Bottleneck: Paddle conv0/1/2 = timm conv1/bn1 .. conv3/bn3
-                modules[f"blocks.{n}.conv{i}.conv"] = f"{dst}.conv{i + 1}"
-                modules[f"blocks.{n}.conv{i}.bn"] = f"{dst}.bn{i + 1}"
-            modules[f"blocks.{n}.short.conv"] = f"{dst}.downsample.1"  # downsample.0: avg pool / identity
-            modules[f"blocks.{n}.short.bn"] = f"{dst}.downsample.2"
+            for i in range(3 if hasattr(block, "conv3") else 2):  # Paddle conv0.. = timm conv1/bn1 ..
+                modules.update(_conv_bn(f"blocks.{n}.conv{i}", f"{dst}.conv{i + 1}", f"{dst}.bn{i + 1}"))
+            # downsample.0 is the average pool (or identity)
+            modules.update(_conv_bn(f"blocks.{n}.short", f"{dst}.downsample.1", f"{dst}.downsample.2"))
             n += 1
+    return modules
+
+
+def _res2net_vd_modules(model: nn.Module) -> dict[str, str]:
+    """PaddleClas Res2Net_vd (conv1_1..3, bb_S_I with resXY_branch2b_K, out) -> timm ResNet of Bottle2neck."""
+    c, b = "_conv", "_batch_norm"
+    modules = {**_conv_bn("conv1_1", "conv1.0", "conv1.1", c, b), **_conv_bn("conv1_2", "conv1.3", "conv1.4", c, b),
+               **_conv_bn("conv1_3", "conv1.6", "bn1", c, b), "out": "fc"}
+    deep = len(model.layer3) > 6  # PaddleClas names stage 3 of its 101/152/200 res4a, res4b1, res4b2 ...
+    for s in range(4):
+        for i, block in enumerate(getattr(model, f"layer{s + 1}")):
+            src, dst = f"bb_{s}_{i}", f"layer{s + 1}.{i}"
+            tag = (("a" if i == 0 else f"b{i}") if deep and s == 2 else chr(97 + i))
+            modules.update(_conv_bn(f"{src}.conv0", f"{dst}.conv1", f"{dst}.bn1", c, b))
+            for k in range(len(block.convs)):
+                modules.update(_conv_bn(f"{src}.res{s + 2}{tag}_branch2b_{k + 1}", f"{dst}.convs.{k}",
+                                        f"{dst}.bns.{k}", c, b))
+            modules.update(_conv_bn(f"{src}.conv2", f"{dst}.conv3", f"{dst}.bn3", c, b))
+            modules.update(_conv_bn(f"{src}.short", f"{dst}.downsample.1", f"{dst}.downsample.2", c, b))
+    return modules
+
+
+def _resnext_wsl_modules(model: nn.Module) -> dict[str, str]:
+    """PaddleClas ResNeXt101_wsl (_conv_stem, _convS_I._conv0..2/_short, _out) -> timm ResNeXt (torchvision)."""
+    c, b = "_conv", "_bn"
+    modules = {**_conv_bn("_conv_stem", "conv1", "bn1", c, b), "_out": "fc"}
+    for s in range(1, 5):
+        for i in range(len(getattr(model, f"layer{s}"))):
+            src, dst = f"_conv{s}_{i}", f"layer{s}.{i}"
+            for k in range(3):
+                modules.update(_conv_bn(f"{src}._conv{k}", f"{dst}.conv{k + 1}", f"{dst}.bn{k + 1}", c, b))
+            modules.update(_conv_bn(f"{src}._short._conv", f"{dst}.downsample.0", f"{dst}.downsample.1", c, b))
+    return modules
+
+
+def _mobilenetv1_modules(model: nn.Module) -> dict[str, str]:
+    """PaddleClas MobileNetV1 (conv, blocks.i.depthwise_conv/pointwise_conv, fc) -> timm EfficientNet."""
+    modules = {**_conv_bn("conv", "conv_stem", "bn1"), "fc": "classifier"}
+    for i, dst in enumerate(_flat_blocks(model)):
+        modules.update(_conv_bn(f"blocks.{i}.depthwise_conv", f"{dst}.conv_dw", f"{dst}.bn1"))
+        modules.update(_conv_bn(f"blocks.{i}.pointwise_conv", f"{dst}.conv_pw", f"{dst}.bn2"))
+    return modules
+
+
+def _mobilenetv2_modules(model: nn.Module) -> dict[str, str]:
+    """PaddleClas MobileNetV2 (conv1, convG._first_block / convG.convG_K, conv9, out) -> timm EfficientNet."""
+    c, b = "_conv", "_batch_norm"
+    modules = {**_conv_bn("conv1", "conv_stem", "bn1", c, b), **_conv_bn("conv9", "conv_head", "bn2", c, b),
+               "out": "classifier"}
+    for s, stage in enumerate(model.blocks):
+        for j in range(len(stage)):
+            src = f"conv{s + 2}." + ("_first_block" if j == 0 else f"conv{s + 2}_{j + 1}")
+            dst = f"blocks.{s}.{j}"
+            for part, conv, bn in (("_expand_conv", "conv_pw", "bn1"), ("_bottleneck_conv", "conv_dw", "bn2"),
+                                   ("_linear_conv", "conv_pwl", "bn3")):
+                modules.update(_conv_bn(f"{src}.{part}", f"{dst}.{conv}", f"{dst}.{bn}", c, b))
     return modules
 
 
 def _mobilenetv3_modules(model: nn.Module) -> dict[str, str]:
     """PaddleClas MobileNetV3 (conv, blocks.i, last_second_conv, last_conv, fc) -> timm MobileNetV3."""
-    stages = list(model.blocks)
-    residual = [f"blocks.{s}.{j}" for s in range(len(stages) - 1) for j in range(len(stages[s]))]
-    last = f"blocks.{len(stages) - 1}.0"  # the 960/576-channel 1x1 ConvBnAct
+    blocks = _flat_blocks(model)
+    residual, last = blocks[:-1], blocks[-1]  # last: the 960/576-channel 1x1 ConvBnAct
     modules = {"conv.conv": "conv_stem", "conv.bn": "bn1", "last_second_conv.conv": f"{last}.conv",
                "last_second_conv.bn": f"{last}.bn1", "last_conv": "conv_head", "fc": "classifier"}
     parts = (("expand_conv.conv", "conv_pw"), ("expand_conv.bn", "bn1"), ("bottleneck_conv.conv", "conv_dw"),
@@ -96,7 +191,40 @@ def _mobilenetv3_modules(model: nn.Module) -> dict[str, str]:
     return modules
 
 
-MODULE_MAPS = {"resnet_vd": _resnet_vd_modules, "mobilenetv3": _mobilenetv3_modules}
+_LCNET_PADDLE_STAGES = (("blocks2", 1), ("blocks3", 2), ("blocks4", 2), ("blocks5", 6), ("blocks6", 2))
+
+
+def _lcnet_modules(model: nn.Module) -> dict[str, str]:
+    """PP-LCNet (conv1, blocks2..6.i.dw_conv/se/pw_conv, last_conv, fc) -> timm MobileNetV3 of dsa blocks."""
+    sources = [f"{stage}.{i}" for stage, n in _LCNET_PADDLE_STAGES for i in range(n)]
+    modules = {**_conv_bn("conv1", "conv_stem", "bn1"), "last_conv": "conv_head", "fc": "classifier"}
+    for src, dst in zip(sources, _flat_blocks(model)):
+        modules.update(_conv_bn(f"{src}.dw_conv", f"{dst}.conv_dw", f"{dst}.bn1"))
+        modules.update(_conv_bn(f"{src}.pw_conv", f"{dst}.conv_pw", f"{dst}.bn2"))
+        modules.update({f"{src}.se.conv1": f"{dst}.se.conv_reduce", f"{src}.se.conv2": f"{dst}.se.conv_expand"})
+    return modules
+
+
+_HGNETV2_RENAMES = (("aggregation.0", "aggregation_squeeze_conv"), ("aggregation.1", "aggregation_excitation_conv"))
+_HGNETV2_HEAD = {"head.last_conv.0": "last_conv", "head.last_conv.2": "lab", "head.fc": "fc"}
+
+
+def _hgnetv2_modules(model: nn.Module) -> dict[str, str]:
+    """PP-HGNetV2 -> timm hgnetv2_b*: the same module paths except the aggregation pair and the head."""
+    modules = {}
+    for name, module in model.named_modules():
+        if not name or not (list(module.parameters(recurse=False)) or list(module.buffers(recurse=False))):
+            continue
+        src = _HGNETV2_HEAD.get(name, name)
+        for timm_part, paddle_part in _HGNETV2_RENAMES:
+            src = src.replace(f".{timm_part}.", f".{paddle_part}.")
+        modules[src] = name
+    return modules
+
+
+MODULE_MAPS = {"resnet_vd": _resnet_vd_modules, "res2net_vd": _res2net_vd_modules, "resnext_wsl": _resnext_wsl_modules,
+               "mobilenetv1": _mobilenetv1_modules, "mobilenetv2": _mobilenetv2_modules,
+               "mobilenetv3": _mobilenetv3_modules, "lcnet": _lcnet_modules, "hgnetv2": _hgnetv2_modules}
 
 
 def _show(items: list[str], limit: int = 12) -> str:
@@ -125,8 +253,8 @@ def convert_state_dict(paddle_state: dict[str, np.ndarray], arch: PaddleArch, mo
         tensor = torch.from_numpy(np.array(array, copy=True))
         if modules[module] in linear and param == "weight":
             tensor = tensor.T  # Paddle Linear stores [in, out]
-            if arch.family == "mobilenetv3":
-                tensor = tensor * (1.0 - PADDLE_MV3_DROPOUT)
+            if arch.inference_dropout:
+                tensor = tensor * (1.0 - arch.inference_dropout)
         if tuple(tensor.shape) != tuple(expected[dst].shape):
             shapes.append(f"{key} {tuple(array.shape)} -> {dst} {tuple(expected[dst].shape)}")
             continue
@@ -149,9 +277,9 @@ def convert_state_dict(paddle_state: dict[str, np.ndarray], arch: PaddleArch, mo
 
 
 def _num_classes(paddle_state: dict[str, np.ndarray], arch: PaddleArch, source: str) -> int:
-    bias = paddle_state.get("fc.bias")
+    bias = paddle_state.get(f"{arch.classifier}.bias")
     if bias is None or bias.ndim != 1:
-        raise ConversionError(f"{source} has no classifier 'fc.bias'; expected a full PaddleClas "
+        raise ConversionError(f"{source} has no classifier '{arch.classifier}.bias'; expected a full PaddleClas "
                               f"{arch.paddle_name} state dict")
     return int(bias.shape[0])
 
@@ -184,17 +312,62 @@ def convert_pdparams(path, arch_name: str, num_classes: int | None = None) -> tu
     return model, meta
 
 
+def _output_for(weights: Path, name: str | None, output: str | None) -> Path:
+    """-o wins; else $SSLD_HOME/NAME.safetensors, so a bare NAME resolves for every consumer."""
+    from distill.students.artifact import ssld_home
+
+    if output:
+        return Path(output)
+    return ssld_home() / f"{name or weights.stem}.safetensors"
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m distill.convert", description=__doc__.splitlines()[0])
-    parser.add_argument("weights", help="PaddleClas .pdparams file (paddle.save of a legendary_models state dict)")
-    parser.add_argument("--arch", required=True,
-                        help=f"model the weights belong to: {', '.join(PADDLE_ARCHS)} (or the PaddleClas name)")
-    parser.add_argument("-o", "--output", help="student artifact to write (default: WEIGHTS with .safetensors)")
+    from distill.students import download
+
+    parser = argparse.ArgumentParser(
+        prog="python -m distill.convert", description=__doc__.splitlines()[0],
+        epilog="Downloadable: " + ", ".join(download.PUBLISHED)
+               + f". ${download.BASE_URL_ENV} points --download at a mirror.")
+    parser.add_argument("weights", nargs="?",
+                        help="PaddleClas .pdparams file (paddle.save of a legendary_models state dict)")
+    parser.add_argument("--download", metavar="NAME",
+                        help="fetch PaddleClas's published SSLD weights for NAME (network), convert, install")
+    parser.add_argument("--arch", help=f"model the weights belong to: {', '.join(PADDLE_ARCHS)} (or the PaddleClas "
+                                       "name); optional for a published file under its own name")
+    parser.add_argument("--name", help="student name (default: the published name, else the file's stem)")
+    parser.add_argument("-o", "--output", help="artifact to write (default: $SSLD_HOME/NAME.safetensors)")
     parser.add_argument("--num-classes", type=int, help="expected classifier size (default: read from the weights)")
+    parser.add_argument("--force", action="store_true", help="with --download: fetch and convert again")
+    parser.add_argument("--no-progress", action="store_true", help="no download progress bar")
     args = parser.parse_args(argv)
+    if args.download:
+        if args.weights or args.arch or args.num_classes:
+            raise UserError("--download NAME takes no weights file, --arch or --num-classes: the name fixes them")
+        entry = download.get_published(args.download)
+        if args.output or args.name:
+            raise UserError("--download installs into $SSLD_HOME under its published name; convert a fetched "
+                            f"file with -o instead: {download.convert_command(entry)} -o PATH")
+        path = download.download_student(args.download, progress=not args.no_progress, force=args.force)
+        print(f"installed {path} ({entry.paddle_name}, top-1 {entry.top1:g}%); use it as --backbone {entry.name} "
+              f"or teacher.models: [{entry.name}]")
+        return
+    if not args.weights:
+        parser.error("give a .pdparams file, or --download NAME")
     weights = Path(args.weights)
-    output = Path(args.output) if args.output else weights.with_suffix(".safetensors")
-    model, meta = convert_pdparams(weights, args.arch, args.num_classes)
+    entry = download.published_for_file(weights)
+    same_arch = args.arch is None or (entry is not None and get_paddle_arch(args.arch).paddle_name == entry.paddle_name)
+    if entry is not None and same_arch and args.num_classes in (None, 1000):
+        model, meta = download.convert_published(weights, entry)
+        name = args.name or entry.name
+    else:
+        if not args.arch:
+            raise UserError(f"{weights.name} is not a published file name; say which model it is with --arch "
+                            f"({', '.join(a.paddle_name for a in PADDLE_ARCHS.values())})")
+        model, meta = convert_pdparams(weights, args.arch, args.num_classes)
+        name = args.name or weights.stem
+    meta["name"] = name
+    output = _output_for(weights, name, args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
     save_student(output, model, meta)
     print(f"wrote {output}: {meta['arch']}, {meta['num_classes']} classes, from {weights.name}")
 
