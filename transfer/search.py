@@ -13,6 +13,10 @@ is skipped on restart and an interrupted one resumes from its checkpoint. Report
 OUT/search.md and OUT/search.png (validation heatmap); the final run is OUT/final/<cell>/.
 --all runs the ten datasets for two backbones and writes OUT/transfer_table.md (dataset, baseline,
 distilled), the PaddleClas-style table.
+
+Exit status: 0 when every search (every --all row) finished; 2 with a one-line reason when a search's cells
+all diverged, when nothing of an --all sweep ran (e.g. no dataset on this machine), or when some of it
+failed; the reports of what did run are written either way.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import multiprocessing as mp
 import os
 import re
 import time
+import traceback
 from pathlib import Path
 
 import yaml
@@ -34,12 +39,13 @@ from distill.students.artifact import load_student
 from distill.core.atomic import atomic_write
 from distill.core.config import Config, read_yaml
 from distill.core.errors import UserError, run_cli
+from distill.core.recipes import resolve_recipe
 from distill.students.stages import parse_multipliers
 
 from . import finetune as ft
 from .datasets import TEN, load_dataset
 
-SEARCH_CONFIG = ft.CONFIG_DIR / "search.yaml"
+SEARCH_CONFIG = resolve_recipe("transfer/search")
 ALIASES = {"lr": "optim.lr", "wd": "optim.weight_decay", "weight_decay": "optim.weight_decay",
            "lr_mult": "optim.lr_mult", "epochs": "schedule.epochs", "mixup": "train.mixup",
            "label_smoothing": "train.label_smoothing", "batch_size": "train.batch_size"}
@@ -228,7 +234,9 @@ def search(base: Config, grid: dict | None, out: Path, gpus: int = 0, final: boo
     run_cells(todo, gpus, data if gpus <= 1 else None, on_done)
     ordered = [rows[cell_id(c)] for c in cells]
     if all(r["val"] is None for r in ordered):
-        raise UserError(f"every cell of the grid diverged ({out / 'cells'}); try lower learning rates")
+        write_reports(out, grid, ordered, data.metric, None)
+        raise UserError(f"every cell of the grid diverged: all {len(ordered)} cells in {out / 'search.csv'}; "
+                        "try lower learning rates")
     best = best_row(ordered)
     summary = dict(dataset=base.dataset, backbone=base.backbone, metric=data.metric, cells=len(cells),
                    best_cell=best["cell"], best_val=best["val"], grid={k: v for k, v in grid.items()})
@@ -361,8 +369,11 @@ def plot_heatmap(path: Path, grid: dict, rows: list[dict], metric: str) -> Path:
 # --all: the ten datasets x (baseline, distilled)
 
 def search_all(args, grid, out: Path, gpus: int, datasets) -> list[dict]:
+    """One search per dataset x backbone; a failed one is a row of n/a, and the sweep goes on."""
+    if not datasets:
+        raise UserError("--datasets is empty: name at least one dataset")
     backbones = {"baseline": args.baseline, "distilled": args.distilled}
-    table = []
+    table, failed = [], []
     for name in datasets:
         row = {"dataset": name}
         for role, backbone in backbones.items():
@@ -372,11 +383,23 @@ def search_all(args, grid, out: Path, gpus: int, datasets) -> list[dict]:
                 s = search(base, grid, out / ft.dataset_label(name) / ft.backbone_label(backbone), gpus)
                 row[role] = s["test"]
                 row["metric"] = s["metric"]
-            except UserError as e:  # a dataset that is not there does not stop the others
-                print(f"{name} / {backbone}: {e}", flush=True)
+            except Exception as e:  # a dataset that is not there, or a crash, does not stop the others
+                if not isinstance(e, UserError):
+                    traceback.print_exc()
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                print(f"{name} / {backbone}: failed: {reason}", flush=True)
+                failed.append(f"{name} / {backbone}: {reason}")
                 row[role] = None
         table.append(row)
         write_table(out, table, backbones)
+    total = len(datasets) * len(backbones)
+    if failed:
+        first = failed[0] + (f"; and {len(failed) - 1} more, listed above" if len(failed) > 1 else "")
+        if len(failed) == total:
+            raise UserError(f"nothing ran: all {total} searches failed ({first}); table of n/a rows: "
+                            f"{out / 'transfer_table.md'}")
+        raise UserError(f"{len(failed)} of {total} searches failed ({first}); the other {total - len(failed)} "
+                        f"are in {out / 'transfer_table.md'}")
     return table
 
 
@@ -400,7 +423,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m transfer.search", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ft.add_arguments(parser)
-    parser.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="grid axes (default configs/transfer/search.yaml)")
+    parser.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="grid axes (default: the recipe transfer/search)")
     parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread cells over (default: all present)")
     parser.add_argument("--no-final", action="store_true", help="skip retraining the best cell on train+val")
     parser.add_argument("--all", action="store_true", help="the ten datasets x (--baseline, --distilled)")

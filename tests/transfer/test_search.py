@@ -7,7 +7,7 @@ import pytest
 
 import transfer.finetune as ft
 import transfer.search as search
-from distill.core.errors import UserError
+from distill.core.errors import UserError, run_cli
 from helpers import MULT, make_artifact
 
 COMMON = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--image-size", "32",
@@ -67,9 +67,11 @@ def test_search_selects_on_val_retrains_best_on_trainval_and_skips_finished_cell
 def test_all_writes_the_baseline_vs_distilled_table_and_survives_a_missing_dataset(tmp_path, demo_root):
     distilled = make_artifact(tmp_path / "tiny_ssld.safetensors")
     out = tmp_path / "all"
-    table = search.main(["--all", "--baseline", "timm:test_resnet", "--distilled", str(distilled),
-                         "--datasets", f"folder:{demo_root},flowers102", "--data-root", str(tmp_path / "none"),
-                         "--out", str(out), *COMMON, "--grid", "lr=0.05"])
+    with pytest.raises(UserError, match=r"^2 of 4 searches failed \(flowers102 / timm:test_resnet: .*the other 2 "):
+        search.main(["--all", "--baseline", "timm:test_resnet", "--distilled", str(distilled),
+                     "--datasets", f"folder:{demo_root},flowers102", "--data-root", str(tmp_path / "none"),
+                     "--out", str(out), *COMMON, "--grid", "lr=0.05"])
+    table = json.loads((out / "transfer_table.json").read_text())   # what ran is still reported
     assert [r["dataset"] for r in table] == [f"folder:{demo_root}", "flowers102"]
     assert table[0]["baseline"] is not None and table[0]["distilled"] is not None
     assert table[1]["baseline"] is None and table[1]["distilled"] is None
@@ -78,3 +80,29 @@ def test_all_writes_the_baseline_vs_distilled_table_and_survives_a_missing_datas
     # the distilled backbone's search also tried its recommended multipliers
     cells = sorted(p.name for p in (out / f"folder-{demo_root.name}" / "tiny_ssld" / "cells").iterdir())
     assert cells == ["lr=0.05_lr_mult=0.1-0.1-0.2-0.2-0.3", "lr=0.05_lr_mult=1-1-1-1-1"]
+
+
+def test_a_sweep_where_nothing_ran_exits_2_with_one_line(tmp_path, capsys):
+    """--all on a machine without the datasets: a script must not read the n/a table as success."""
+    out = tmp_path / "all"
+    argv = ["--all", "--baseline", "timm:test_resnet", "--distilled", "timm:test_resnet", "--datasets",
+            "flowers102,pets", "--data-root", str(tmp_path / "none"), "--out", str(out), *COMMON]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_cli(search.main, argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1
+    assert err.startswith("error: nothing ran: all 4 searches failed (flowers102 / timm:test_resnet: ")
+    assert (out / "transfer_table.md").read_text().count("| n/a | n/a |") == 2
+    with pytest.raises(UserError, match="--datasets is empty"):
+        search.main([*argv[:5], "--datasets", ",", *argv[7:]])
+
+
+def test_a_search_whose_cells_all_diverged_fails_but_keeps_its_table(tmp_path, demo_root):
+    out = tmp_path / "search"
+    with pytest.raises(UserError, match="every cell of the grid diverged: all 2 cells"):
+        search.main(["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--out", str(out),
+                     *COMMON, "--grid", "lr=1e6,1e7"])
+    with open(out / "search.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["diverged"] for r in rows] == ["True", "True"]
