@@ -25,7 +25,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distill.core.errors import UserError
-from distill.core.images import Skipped, UnreadableImage, load_rgb
+from distill.core.images import Skipped, UnreadableImage, load_transformed
 
 UNLABELED = -1
 WDS_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -174,6 +174,24 @@ def build_source(spec, root=None) -> Source:
     return src
 
 
+def check_class_lists(sources) -> None:
+    """Every folder source (train and val alike) must name the same classes: a label is an index into one
+    shared class list, so an extra or missing class folder (even an empty one) would shift labels silently."""
+    folders = [s for s in sources if s.type == "folder"]
+    if not folders:
+        return
+    first = folders[0]
+    for other in folders[1:]:
+        if other.classes != first.classes:
+            only_a = sorted(set(first.classes) - set(other.classes))
+            only_b = sorted(set(other.classes) - set(first.classes))
+            detail = "; ".join(x for x in (f"only in {first.path}: {', '.join(only_a)}" if only_a else "",
+                                          f"only in {other.path}: {', '.join(only_b)}" if only_b else "") if x) \
+                or "the same names in another order"
+            raise UserError(f"class folders differ between {first.path} and {other.path} ({detail}); every split "
+                            "must hold the same class folders, since labels are indices into one class list")
+
+
 def infer_num_classes(sources) -> int:
     labels = [lab for s in sources for _, lab in s.samples if lab != UNLABELED]
     folders = [len(s.classes) for s in sources if s.classes]
@@ -267,24 +285,17 @@ class TrainStream(IterableDataset):
             yield from wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer,
                                    rng=random.Random(hash((self.seed, self.epoch, rep))))(raw)
 
-    def _load(self, src_id: int, index: int, streams):
+    def _fetch(self, src_id: int, index: int, streams):
+        """(path or bytes, label, where) of one plan position, not decoded yet (the transform decodes)."""
         source = self.sources[src_id]
         if source.type != "wds":
             path, label = source.samples[index]
-            try:
-                return load_rgb(path), label, path
-            except UnreadableImage as e:
-                return Skipped(path, str(e)), None, path
+            return path, label, path
         raw = next(streams[src_id])
         where = f"{raw.get('__url__', source.path)}:{raw.get('__key__', '?')}"
         key = next((k for k in WDS_IMAGE_KEYS if k in raw), None)
         label = int(raw["cls"]) if "cls" in raw else UNLABELED
-        try:
-            if key is None:
-                raise UnreadableImage(f"{where}: no image ({'/'.join(WDS_IMAGE_KEYS)}) in the sample")
-            return load_rgb(raw[key]), label, where
-        except (UnreadableImage, ValueError) as e:
-            return Skipped(where, str(e)), None, where
+        return (None if key is None else raw[key]), label, where
 
     def __iter__(self):
         info = get_worker_info()
@@ -301,13 +312,19 @@ class TrainStream(IterableDataset):
                     if src_id in streams:
                         next(streams[src_id])  # keep the stream aligned without decoding
                     continue
-                image, label, where = self._load(src_id, index, streams)
-                if isinstance(image, Skipped):
-                    yield image
+                data, label, where = self._fetch(src_id, index, streams)
+                if data is None:
+                    yield Skipped(where, f"{where}: no image ({'/'.join(WDS_IMAGE_KEYS)}) in the sample")
                     continue
                 with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(sample_seed(self.seed, self.epoch, pos))
-                    yield self.transform(image), label
+                    # the CPU generator alone: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding,
+                    # each formatting a stack trace, a quarter of the loader's time per image
+                    torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, pos))
+                    try:   # decoding and the crop in one go: a JPEG is decoded at the scale its crop needs
+                        item = load_transformed(data, self.transform), label
+                    except UnreadableImage as e:
+                        item = Skipped(where, str(e))
+                yield item
 
 
 def build_sources(cfg_sources, root=None) -> list[Source]:

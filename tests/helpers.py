@@ -7,19 +7,18 @@ from distill.students.artifact import build_meta, save_student
 
 
 def tiny_config(tmp_path, demo_root, name="run", **sections):
-    """A config dict for a seconds-long CPU run; `sections` deep-update it (e.g. loss=dict(kind='ce'))."""
+    """A distill.ssld config dict for a seconds-long CPU run; `sections` deep-update it (e.g. loss=dict(kind='ce'))."""
     cfg = dict(
-        out_dir=str(tmp_path / name), device="cpu", epochs=2, seed=0,
+        run=dict(out_dir=str(tmp_path / name), device="cpu", seed=0, workers=0, checkpoint_period=0,
+                 checkpoint_minutes=0.0, log_period=2, progress=False),
         student=dict(arch="timm:test_resnet"),
         teacher=None,
         loss=dict(kind="ce"),
         data=dict(root=str(demo_root), train=[dict(type="folder", path="train")],
-                  val=dict(type="folder", path="val"), batch_size=8, workers=0, input_size=32,
+                  val=dict(type="folder", path="val"), batch_size=8, input_size=32,
                   test_input_size=40, crop_scale=[0.3, 1.0]),
         optim=dict(name="sgd", lr=0.05, base_batch=8, weight_decay=1e-4),
-        schedule=dict(kind="cosine", warmup_epochs=0.5),
-        checkpoint=dict(every_iters=0, every_minutes=0.0),
-        log=dict(every_iters=2, progress=False),
+        schedule=dict(epochs=2, kind="cosine", warmup_epochs=0.5),
         export=dict(name=name),
     )
     for key, value in sections.items():

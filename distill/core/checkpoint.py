@@ -1,14 +1,23 @@
-"""Training checkpoints: atomic writes, safe loads (weights_only), and the RNG state needed for exact resume."""
+"""Training checkpoints: atomic writes, safe loads, every rank's RNG, and the one resume policy.
+
+The policy every trainer follows (`open_run`): rerunning the same command resumes from the run folder's
+checkpoint; `--restart` discards it; a changed config is refused naming the differing keys, except the
+keys a trainer declares safe to change on resume (learning rate, epochs or iterations, logging), which
+then take effect.
+"""
 from __future__ import annotations
 
+import pickle
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from distill.core.atomic import atomic_write
-from distill.core.errors import UserError
+from .atomic import atomic_write
+from .distributed import barrier
+from .errors import UserError
 
 
 def save_checkpoint(path, state: dict) -> Path:
@@ -17,13 +26,17 @@ def save_checkpoint(path, state: dict) -> Path:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
+    """torch.load(weights_only=True): tensors and plain containers only; anything else is refused in one line."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} holds Python objects other than tensors and plain containers; "
+                        "it was not loaded (only checkpoints written by ssld-kit, or plain state dicts, are read)") from None
     except Exception as e:  # a truncated or foreign file: say which
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 
 
 def capture_rng() -> dict:
@@ -43,3 +56,50 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """{"optim.lr": 0.1, ...} of a nested config."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> dict[str, tuple]:
+    """{dotted key: (saved value, current value)} for every key whose value differs."""
+    a, b = flat_keys(saved), flat_keys(current)
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def open_run(path, config: dict, restart: bool, safe_keys=(), is_main: bool = True) -> dict | None:
+    """The checkpoint to resume from (None: start fresh), after the resume policy's checks.
+
+    Returns the loaded checkpoint with `changed` = {key: (old, new)} of the safe keys that changed.
+    """
+    path = Path(path)
+    if restart:
+        if is_main and path.exists():
+            path.unlink()
+            print(f"--restart: removed {path}", file=sys.stderr)
+        barrier()
+        return None
+    if not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    if "config" not in ckpt or "engine" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this trainer (no config/engine state); "
+                        "pass --restart to discard it, or choose another --out-dir")
+    changes = config_changes(ckpt["config"], config)
+    refused = {k: v for k, v in changes.items() if k not in safe_keys}
+    if refused:
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:6])
+        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+        raise UserError(f"{path.parent} holds a run with another config ({shown}{more}); rerun with the same "
+                        f"config to resume, --restart to discard it, or another --out-dir "
+                        f"(safe to change on resume: {', '.join(safe_keys)})")
+    ckpt["changed"] = changes
+    return ckpt

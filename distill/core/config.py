@@ -182,8 +182,24 @@ def _coerce_floats(cfg: dict, schema: Mapping) -> dict:
     return cfg
 
 
-def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | str | Path = None) -> Config:
-    """defaults <- path (with its _base_ chain) <- overrides, validated against defaults."""
+def nest(flat: Mapping[str, Any]) -> dict:
+    """{"optim.lr": 0.1} -> {"optim": {"lr": 0.1}}; None values (flags not given) are left out."""
+    out: dict = {}
+    for dotted, value in flat.items():
+        if value is None:
+            continue
+        node = out
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return out
+
+
+def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | str | Path = None,
+                flags: Mapping[str, Any] | None = None) -> Config:
+    """defaults <- path (with its _base_ chain) <- -o overrides <- command-line flags ({dotted key: value}),
+    each layer validated against the defaults."""
     if isinstance(defaults, (str, Path)):
         defaults = read_yaml(defaults)
     defaults = dict(defaults or {})
@@ -193,11 +209,12 @@ def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | st
         validate(_coerce_floats(user, defaults), defaults, source)
     cfg = merge(defaults, user)
     overrides = list(overrides or [])
-    if overrides:
-        over = apply_overrides({}, overrides)
-        if defaults:
-            validate(_coerce_floats(over, defaults), defaults, "-o overrides")
-        cfg = merge(cfg, over)
+    for layer, name in ((apply_overrides({}, overrides) if overrides else {}, "-o overrides"),
+                        (nest(flags or {}), "command-line flags")):
+        if layer:
+            if defaults:
+                validate(_coerce_floats(layer, defaults), defaults, name)
+            cfg = merge(cfg, layer)
     return Config.wrap(cfg)
 
 
@@ -205,3 +222,11 @@ def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> 
     parser.add_argument("-c", "--config", required=required, help="YAML config file (may use _base_)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. -o optim.lr=0.1 (repeatable; typed by YAML)")
+
+
+def add_trainer_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+    """The grammar every trainer shares: -c FILE, -o KEY=VALUE, --out-dir DIR, --restart."""
+    add_config_args(parser, required=config_required)
+    parser.add_argument("--out-dir", dest="run.out_dir", metavar="DIR", help="the run folder (run.out_dir)")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard the run folder's checkpoint and start over (rerunning resumes by default)")

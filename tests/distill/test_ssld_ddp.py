@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def run(args, out_dir, batch_size):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, *args, "-o", f"out_dir={out_dir}", "-o", f"data.batch_size={batch_size}"]
+    cmd = [sys.executable, *args, "--out-dir", str(out_dir), "-o", f"data.batch_size={batch_size}"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
@@ -23,13 +23,13 @@ def run(args, out_dir, batch_size):
 
 def test_two_gloo_processes_match_single_process(tmp_path, demo_root):
     # LayerNorm models: per-rank BatchNorm statistics would legitimately differ from one big batch
-    cfg = tiny_config(tmp_path, demo_root, "run", epochs=1, student=dict(arch="timm:test_convnext"),
+    cfg = tiny_config(tmp_path, demo_root, "run", schedule=dict(epochs=1), student=dict(arch="timm:test_convnext"),
                       teacher=dict(models=["timm:test_convnext"], bn="eval"),
                       loss=dict(kind="ssld", hard_weight=0.5), optim=dict(name="sgd", lr=0.2, base_batch=8))
     config = write_config(tmp_path, cfg)
     run(["-m", "distill.ssld", "-c", config], tmp_path / "single", batch_size=8)
     log = run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "distill.ssld", "-c", config], tmp_path / "ddp", batch_size=4)
+               "-m", "distill.ssld", "-c", config], tmp_path / "ddp", batch_size=8)  # global
     assert "2 process(es)" in log
     single = load_file(tmp_path / "single" / "run.safetensors")
     ddp = load_file(tmp_path / "ddp" / "run.safetensors")

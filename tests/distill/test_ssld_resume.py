@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def trainer(config, *extra, out_dir):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "distill.ssld", "-c", config, "-o", f"out_dir={out_dir}", *extra],
+    return subprocess.Popen([sys.executable, "-m", "distill.ssld", "-c", config, "--out-dir", str(out_dir), *extra],
                             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -29,12 +29,13 @@ def finish(proc):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path, demo_root):
-    # distillation with mixup and dropout: data order, mixup lambda and the RNG all have to resume exactly
-    cfg = tiny_config(tmp_path, demo_root, "run", epochs=3, loss=dict(kind="ssld", hard_weight=0.3),
+    # distillation with mixup, dropout and drop_path: data order, mixup lambda and the RNG all resume exactly
+    cfg = tiny_config(tmp_path, demo_root, "run", schedule=dict(epochs=3), loss=dict(kind="ssld", hard_weight=0.3),
                       teacher=dict(models=["timm:test_resnet"], bn="train"),
-                      student=dict(arch="timm:test_resnet", drop_rate=0.3),
+                      student=dict(arch="timm:test_resnet", drop_rate=0.3, drop_path_rate=0.2),
                       data=dict(mixup=True), optim=dict(name="sgd", lr=0.05, base_batch=8, weight_decay=1e-4),
-                      checkpoint=dict(every_iters=2, every_minutes=0.0))
+                      run=dict(checkpoint_period=2, checkpoint_minutes=0.0, device="cpu", workers=0, log_period=2,
+                               progress=False))
     config = write_config(tmp_path, cfg)
     reference = trainer(config, out_dir=tmp_path / "ref")
 
@@ -47,13 +48,14 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, demo_root):
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    state = load_checkpoint(ckpt)
-    assert 0 < state["batch"] < 6 and state["step"] < 18, "the kill must land mid-run, mid-epoch"
+    state = load_checkpoint(ckpt)["engine"]
+    assert 0 < state["batch"] < 6 and state["iteration"] < 18, "the kill must land mid-run, mid-epoch"
     assert not (killed_dir / "run.safetensors").exists()
 
-    log = finish(trainer(config, "--resume", out_dir=killed_dir))
+    log = finish(trainer(config, out_dir=killed_dir))  # the same command again resumes
     finish(reference)
-    assert f"resumed from {ckpt}: epoch {state['epoch'] + 1}, iteration {state['batch']} (step {state['step']})" in log
+    assert f"resumed from {ckpt}: epoch {state['epoch'] + 1}, iteration {state['batch']} of it " \
+           f"(step {state['iteration']})" in log
     ref = load_file(tmp_path / "ref" / "run.safetensors")
     resumed = load_file(killed_dir / "run.safetensors")
     assert ref.keys() == resumed.keys()

@@ -19,7 +19,7 @@ from distill.students.stages import param_stages
 @pytest.fixture(scope="module")
 def teacher_artifact(tmp_path_factory, demo_root):
     tmp = tmp_path_factory.mktemp("teacher")
-    ssld.main(["-c", write_config(tmp, tiny_config(tmp, demo_root, "teacher", epochs=3))])
+    ssld.main(["-c", write_config(tmp, tiny_config(tmp, demo_root, "teacher", schedule=dict(epochs=3)))])
     return tmp / "teacher" / "teacher.safetensors"
 
 
@@ -63,30 +63,31 @@ def test_ssld_distills_from_an_artifact_with_unlabeled_images_and_skips_corrupt(
 
 
 def test_adamw_bf16_channels_last_clip_and_multipliers_run(tmp_path, demo_root):
-    cfg = tiny_config(tmp_path, demo_root, "fancy", epochs=1, amp="bf16", channels_last=True,
+    cfg = tiny_config(tmp_path, demo_root, "fancy", schedule=dict(epochs=1),
+                      run=dict(amp="bf16", channels_last=True, device="cpu", workers=0, progress=False),
                       optim=dict(name="adamw", lr=1e-3, weight_decay=0.05, clip_grad_norm=1.0, base_batch=4),
                       student=dict(arch="timm:test_resnet", multipliers=[0, 0.5, 0.5, 1, 1]),
                       data=dict(mixup=True, augment="inception"), eval=dict(test_resolution=False))
-    ctx = ssld.run(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS), ssld.init_distributed("cpu"))
-    opt = ctx["optimizer"]
+    task = ssld.run(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS), ssld.init_distributed("cpu")).task
+    opt = task.optimizer
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["lr"] == pytest.approx(2e-3)  # linear scaling: global batch 8 / base 4
     mults = {g["lr_mult"] for g in opt.param_groups}
     assert mults == {0.5, 1.0}
-    stages = param_stages(ctx["model"], "generic")
-    stem = [p for n, p in ctx["model"].named_parameters() if stages[n] == 0]
+    stages = param_stages(task.model, "generic")
+    stem = [p for n, p in task.model.named_parameters() if stages[n] == 0]
     assert stem and not any(p.requires_grad for p in stem)
 
 
 def test_lr_follows_per_iteration_warmup_then_cosine(tmp_path, demo_root):
-    cfg = tiny_config(tmp_path, demo_root, "lr", epochs=2, schedule=dict(kind="cosine", warmup_epochs=1.0))
-    ctx = ssld.run(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS), ssld.init_distributed("cpu"))
+    cfg = tiny_config(tmp_path, demo_root, "lr", schedule=dict(epochs=2, kind="cosine", warmup_epochs=1.0))
+    engine = ssld.run(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS), ssld.init_distributed("cpu"))
     rows = [r for r in csv_rows(tmp_path / "lr" / "metrics.csv") if not math.isnan(r["lr"])]
     lr = {int(r["step"]): r["lr"] for r in rows}
     # 6 it/epoch, warmup 6 its from 0, then cosine to 0 at step 12; logged lr is for the next step
     assert lr[2] == pytest.approx(0.05 * 2 / 6) and lr[4] == pytest.approx(0.05 * 4 / 6)
     assert lr[8] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 2 / 6)))
-    assert ctx["scheduler"].last_epoch == 12
+    assert engine.task.scheduler.last_epoch == 12
 
 
 def csv_rows(path):
@@ -106,7 +107,13 @@ def test_missing_data_path_is_one_clear_line_before_training(tmp_path, demo_root
 
 @pytest.mark.parametrize("section, message", [
     (dict(loss=dict(kind="ssld")), "needs a teacher"),
-    (dict(amp="fp8"), "amp must be"),
+    (dict(run=dict(amp="fp8")), "run.amp='fp8'; expected one of off | bf16 | fp16"),
+    (dict(run=dict(workers=-1)), "run.workers=-1: expected a number >= 0"),
+    (dict(optim=dict(lr=-1)), "optim.lr=-1.0: expected a number >= 0"),
+    (dict(data=dict(input_size=-5)), "data.input_size=-5: expected a number >= 8"),
+    (dict(data=dict(crop_scale=[0.5])), "data.crop_scale=[0.5]: expected [low, high]"),
+    (dict(loss=dict(kind="ssld"), teacher=dict(models=["timm:test_resnet"], input_size=-3)),
+     "teacher.input_size=-3: expected a number >= 8"),
     (dict(optim=dict(nme="sgd")), "did you mean 'optim.name'"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, demo_root, capsys, section, message):
@@ -125,11 +132,12 @@ def test_nan_loss_stops_with_message_and_keeps_last_good_checkpoint(tmp_path, de
         return (total * float("nan") if calls["n"] == 5 else total), parts
 
     monkeypatch.setattr(DistillLoss, "__call__", poisoned)
-    cfg = tiny_config(tmp_path, demo_root, "nan", checkpoint=dict(every_iters=2, every_minutes=0.0))
+    cfg = tiny_config(tmp_path, demo_root, "nan", run=dict(checkpoint_period=2, checkpoint_minutes=0.0,
+                                                                  device="cpu", workers=0, log_period=2, progress=False))
     with pytest.raises(ssld.NonFiniteLoss, match=r"NaN or inf .* last good checkpoint is .*checkpoint.pt"):
         ssld.main(["-c", write_config(tmp_path, cfg)])
     ckpt = load_checkpoint(tmp_path / "nan" / "checkpoint.pt")
-    assert ckpt["step"] == 4 and ckpt["batch"] == 4
+    assert ckpt["engine"]["iteration"] == 4 and ckpt["engine"]["batch"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert not (tmp_path / "nan" / "nan.safetensors").exists()
 
@@ -157,8 +165,9 @@ def test_compile_option_wraps_the_student_and_exports_unwrapped_weights(tmp_path
         return FakeCompiled(model)
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    cfg = tiny_config(tmp_path, demo_root, "compiled", epochs=1, compile=True,
-                      checkpoint=dict(every_iters=3, every_minutes=0.0))
+    cfg = tiny_config(tmp_path, demo_root, "compiled", schedule=dict(epochs=1),
+                      run=dict(compile=True, checkpoint_period=3, checkpoint_minutes=0.0, device="cpu", workers=0,
+                               progress=False))
     ssld.main(["-c", write_config(tmp_path, cfg)])
     assert len(compiled) == 1
     load_student(tmp_path / "compiled" / "compiled.safetensors")  # keys without the wrapper's prefix
@@ -168,7 +177,7 @@ def test_compile_option_wraps_the_student_and_exports_unwrapped_weights(tmp_path
 def test_ssld_runs_on_label_free_images_only(tmp_path, demo_root, teacher_artifact):
     pool = tmp_path / "pool.txt"
     pool.write_text("".join(f"{p}\n" for p in sorted((demo_root / "train").rglob("*.jpg"))))  # no labels at all
-    cfg = tiny_config(tmp_path, demo_root, "label_free", epochs=1, loss=dict(kind="ssld"),
+    cfg = tiny_config(tmp_path, demo_root, "label_free", schedule=dict(epochs=1), loss=dict(kind="ssld"),
                       teacher=dict(models=[str(teacher_artifact)]), data=dict(train=[dict(type="list", path=str(pool))]))
     ssld.main(["-c", write_config(tmp_path, cfg)])
     header = (tmp_path / "label_free" / "metrics.csv").read_text().splitlines()[0].split(",")
@@ -185,9 +194,10 @@ def test_distill_step_clips_the_global_gradient_norm(amp):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    scaler = torch.amp.GradScaler("cpu", init_scale=64.0, enabled=amp == "fp16")  # no overflow: a real step
+    precision = ssld.Precision(amp, "cpu")
+    if precision.scaler is not None:
+        precision.scaler = torch.amp.GradScaler("cpu", init_scale=64.0)  # no overflow: a real step
     images, labels = torch.randn(4, 3, 8, 8) * 10, torch.tensor([0, 1, 2, 3])
-    ssld.distill_step(model, None, DistillLoss("ce"), images, labels, opt, scaler,
-                      amp_dtype=ssld.AMP_DTYPES[amp], clip_grad_norm=1e-3)
+    ssld.distill_step(model, None, DistillLoss("ce"), images, labels, opt, precision, clip_grad_norm=1e-3)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm.item() == pytest.approx(1e-3, rel=1e-3)

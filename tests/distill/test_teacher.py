@@ -7,6 +7,7 @@ from distill.students.artifact import build_meta, save_student
 from distill.core.checkpoint import save_checkpoint
 from distill.core.errors import UserError
 from distill.losses import DistillLoss
+from distill.core.precision import Precision
 from distill.ssld import distill_step
 from distill.teacher import Teacher, build_teacher, load_teacher_model
 from distill.students.zoo import create_model
@@ -85,8 +86,7 @@ def test_teacher_receives_exactly_the_students_augmented_pixels(mix, teacher_siz
     teacher = Teacher([t_model], [meta_of(t_model)], input_size=teacher_size)
     images, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    distill_step(student, teacher, DistillLoss("ssld"), images, labels, opt, scaler, mix=mix)
+    distill_step(student, teacher, DistillLoss("ssld"), images, labels, opt, Precision("off", "cpu"), mix=mix)
     if mix is not None:  # function matching: mixed with the batch rolled by one, before either network
         assert torch.allclose(student_in[0], mix * images + (1 - mix) * images.roll(1, 0))
     else:

@@ -1,0 +1,321 @@
+"""The one training loop under distill.ssld, transfer.finetune and detection.train.
+
+In the spirit of detectron2's TrainerBase + hooks: a trainer supplies a *task* (its model, optimizer,
+scheduler, batches, forward pass and evaluation); the engine owns everything around the step, once:
+
+- the loop: epochs of `steps_per_epoch` batches (detection: one epoch of N iterations); a batch is
+  `(..., skipped)`, its last element the unreadable images its loader dropped, which are counted;
+- precision (`Precision`: autocast, GradScaler only for fp16) and DDP (`wrap_ddp`), applied here;
+- checkpoints (atomic, every `checkpoint_period` iterations or `checkpoint_minutes`, and at every epoch
+  end) holding the model, optimizer, scheduler, scaler, data position and every rank's RNG, and the
+  resume policy (`open_run`: rerun resumes, `--restart` discards, a changed config is refused except
+  SAFE_ON_RESUME keys, which take effect);
+- the non-finite-loss guard: a flag accumulated on the device, summed across ranks only at log periods
+  and before checkpoints (no per-step sync), ending in a one-line error naming the last good checkpoint;
+- logging (metrics.csv + TensorBoard, one progress bar with img/s and ETA) and evaluation hooks.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import capture_rng, open_run, restore_rng, save_checkpoint
+from .distributed import DistInfo, all_reduce_sum, gather_objects, unwrap, wrap_ddp
+from .errors import UserError
+from .precision import Precision
+from .progress import Progress
+from .runlog import RunLog
+
+# The `run` block every trainer's schema shares.
+RUN_DEFAULTS = dict(
+    out_dir="runs/run",
+    seed=0,
+    device="auto",            # auto (cuda when present) | cpu | cuda
+    amp="off",                # off | bf16 | fp16 (a GradScaler only for fp16)
+    channels_last=False,
+    compile=False,            # torch.compile the model
+    workers=4,                # DataLoader processes per rank
+    log_period=10,            # iterations between log rows (and non-finite checks)
+    eval_period=0,            # iterations between evaluations (0: none mid-epoch); see Task.eval_every_epochs
+    checkpoint_period=0,      # iterations between checkpoints; 0 = at the end of every epoch only
+    checkpoint_minutes=10.0,  # also checkpoint when this much time passed (0 = off)
+    progress=True,
+)
+RUN_RANGES = {"workers": (0, None), "log_period": (1, None), "eval_period": (0, None),
+              "checkpoint_period": (0, None), "checkpoint_minutes": (0, None)}
+# Keys that may change between a run and its resume; they take effect (optimizer and scheduler included).
+SAFE_ON_RESUME = ("optim.lr", "schedule.epochs", "schedule.iterations", "run.log_period", "run.progress",
+                  "run.eval_period", "run.checkpoint_period", "run.checkpoint_minutes", "run.workers")
+CHECKPOINT = "checkpoint.pt"
+WARN_SKIPPED = 5  # unreadable images named on the console; the rest are only counted
+
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class StepOutput:
+    """What a task's forward pass gives the engine: the loss to backpropagate, detached parts to log, and
+    the number of images this rank trained on."""
+    loss: torch.Tensor
+    parts: dict
+    images: int
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # the epoch in progress (== epochs when training is over)
+    batch: int = 0            # batches of that epoch already consumed
+    iteration: int = 0        # batches consumed since the start (one scheduler step each)
+    results: list = field(default_factory=list)   # evaluation rows
+    skipped: int = 0          # unreadable images skipped on this rank
+
+
+class Task:
+    """What a trainer supplies. Attributes: model (unwrapped, on the device), optimizer, scheduler, epochs,
+    steps_per_epoch, global_batch; optional clip_grad_norm, min_batch."""
+    clip_grad_norm = 0.0
+    eval_every_epochs = 1   # also evaluate at these epoch ends, and always at the end of training
+    min_batch = 1   # fewer readable images than this: the step is skipped (BatchNorm needs 2)
+
+    def batches(self, epoch: int, start: int):
+        raise NotImplementedError
+
+    def forward(self, net: nn.Module, batch, state: TrainState) -> StepOutput:
+        raise NotImplementedError
+
+    def evaluate(self, net: nn.Module) -> dict:
+        raise NotImplementedError
+
+    def train_mode(self, net: nn.Module) -> None:
+        net.train()
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+
+class Engine:
+    """Run a task to the end, resuming from OUT/checkpoint.pt per the resume policy. `run()` -> TrainState."""
+
+    def __init__(self, task: Task, run_cfg, dist: DistInfo, config: dict, *, restart: bool = False,
+                 checkpoint_name: str = CHECKPOINT, safe_keys=SAFE_ON_RESUME, say=None):
+        self.task, self.cfg, self.dist, self.config = task, run_cfg, dist, config
+        self.out = Path(run_cfg.out_dir)
+        self.ckpt_path = self.out / checkpoint_name
+        self.precision = Precision(run_cfg.amp, dist.device)
+        self.state = TrainState()
+        self.say = say or (lambda text: print(text, file=sys.stderr) if dist.is_main else None)
+        if run_cfg.channels_last:
+            task.model.to(memory_format=torch.channels_last)
+        self.net = wrap_ddp(task.model, dist)
+        if run_cfg.compile:
+            self.net = torch.compile(self.net)
+        ckpt = open_run(self.ckpt_path, config, restart, safe_keys, dist.is_main)
+        self.resumed = ckpt is not None
+        if ckpt is not None:
+            self._load(ckpt)
+        self.log = RunLog(self.out, enabled=dist.is_main, resume_step=self.state.iteration if ckpt else None)
+        self._bad = torch.zeros((), device=dist.device)
+        self._ckpt_time = time.monotonic()
+
+    # --- resume ---------------------------------------------------------------------------------------
+
+    def _load(self, ckpt: dict) -> None:
+        task = self.task
+        ranks = ckpt["rng"]
+        if len(ranks) != self.dist.world_size:
+            raise UserError(f"{self.ckpt_path} was written by {len(ranks)} process(es); resume it with as many "
+                            f"(now {self.dist.world_size}) so every rank continues its own random stream, "
+                            "or pass --restart")
+        fresh_lrs = [g["initial_lr"] for g in task.optimizer.param_groups]
+        unwrap(self.net).load_state_dict(ckpt["model"])
+        task.optimizer.load_state_dict(ckpt["optimizer"])
+        task.scheduler.load_state_dict(ckpt["scheduler"])
+        self.precision.load_state_dict(ckpt.get("precision", {}))
+        apply_current_schedule(task.optimizer, task.scheduler, fresh_lrs)
+        restore_rng(ranks[self.dist.rank])
+        saved = ckpt["engine"]
+        self.state = TrainState(saved["epoch"], saved["batch"], saved["iteration"], list(saved["results"]),
+                                saved["skipped"][self.dist.rank] if isinstance(saved["skipped"], list) else 0)
+        task.load_extra_state(ckpt.get("extra", {}))
+        changed = ckpt.get("changed", {})
+        self.say(f"resumed from {self.ckpt_path}: epoch {self.state.epoch + 1}, iteration {self.state.batch} "
+                 f"of it (step {self.state.iteration})"
+                 + ("; now " + ", ".join(f"{k} {b!r} (was {a!r})" for k, (a, b) in changed.items()) if changed else ""))
+
+    def save(self) -> None:
+        """Every rank joins (its RNG state is gathered); rank 0 writes, after the non-finite check."""
+        self.check_finite("before a checkpoint")
+        state = asdict(self.state)
+        state["skipped"] = gather_objects(self.state.skipped)
+        rngs = gather_objects(capture_rng())
+        self._ckpt_time = time.monotonic()
+        if not self.dist.is_main:
+            return
+        save_checkpoint(self.ckpt_path, dict(
+            model=unwrap(self.net).state_dict(), optimizer=self.task.optimizer.state_dict(),
+            scheduler=self.task.scheduler.state_dict(), precision=self.precision.state_dict(),
+            engine=state, rng=rngs, config=self.config, extra=self.task.extra_state()))
+
+    def skipped_per_rank(self) -> list[int]:
+        return gather_objects(self.state.skipped)
+
+    # --- the non-finite guard -------------------------------------------------------------------------
+
+    def check_finite(self, where: str = "") -> None:
+        bad = all_reduce_sum(self._bad.clone().reshape(1))
+        if float(bad) > 0:
+            self._raise_non_finite()
+
+    def _raise_non_finite(self):
+        s = self.state
+        last = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file() else \
+            "no checkpoint was written yet"
+        raise NonFiniteLoss(f"loss became NaN or inf in epoch {s.epoch + 1} before iteration {s.batch} "
+                            f"(step {s.iteration}); stopped, {last}. Lower optim.lr, set optim.clip_grad_norm "
+                            "or use amp bf16 instead of fp16, then rerun the command: it resumes from that "
+                            "checkpoint and takes a changed optim.lr")
+
+    # --- the loop -------------------------------------------------------------------------------------
+
+    def run(self) -> TrainState:
+        task, s = self.task, self.state
+        for epoch in range(s.epoch, task.epochs):
+            if s.batch < task.steps_per_epoch:
+                self._train_epoch(epoch)
+            s.epoch, s.batch = epoch + 1, 0
+            if task.eval_every_epochs and (epoch + 1) % task.eval_every_epochs == 0 or epoch + 1 == task.epochs:
+                self.evaluate()
+            self.save()
+        if not s.results or s.results[-1]["iteration"] != s.iteration:
+            self.evaluate()   # a run resumed after its last epoch, or eval periods that miss the end
+        self.log.close()
+        return s
+
+    def evaluate(self) -> dict:
+        metrics = self.task.evaluate(self.net)
+        row = dict(epoch=self.state.epoch, iteration=self.state.iteration, **metrics)
+        self.state.results.append(row)
+        self.log.log(self.state.iteration, **{k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        self.say(f"step {self.state.iteration}: " + ", ".join(
+            f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
+        self.task.train_mode(self.net)
+        return row
+
+    def _train_epoch(self, epoch: int) -> None:
+        task, s, cfg, dist = self.task, self.state, self.cfg, self.dist
+        task.train_mode(self.net)
+        desc = f"epoch {epoch + 1}/{task.epochs}" if task.epochs > 1 else "train"
+        bar = Progress(task.steps_per_epoch * task.global_batch, desc, enabled=dist.is_main and cfg.progress,
+                       initial=s.batch * task.global_batch)
+        window = _Window()
+        for batch in task.batches(epoch, s.batch):
+            *_, skipped = batch
+            self._count_skipped(skipped, bar)
+            out = None
+            if len(batch[0]) >= task.min_batch:
+                with self.precision.autocast():
+                    out = task.forward(self.net, batch, s)
+                self.precision.step(out.loss, task.optimizer, task.clip_grad_norm)
+                self._bad += (~torch.isfinite(out.loss.detach())).float()
+                window.add(out)
+            elif dist.distributed:
+                raise UserError("a whole batch of training images was unreadable on one rank; the ranks cannot "
+                                "stay in step. Check the data (the warnings above name the files)")
+            task.scheduler.step()
+            s.batch += 1
+            s.iteration += 1
+            bar.update((out.images if out else 0) * dist.world_size)
+            last = s.batch == task.steps_per_epoch
+            due_by_time = False
+            if s.iteration % cfg.log_period == 0 or last:
+                due_by_time = self._log(window, epoch, bar)
+                window = _Window()
+            if cfg.eval_period and s.iteration % cfg.eval_period == 0 and not last:
+                self.evaluate()
+            by_iters = cfg.checkpoint_period and s.iteration % cfg.checkpoint_period == 0
+            if (by_iters or due_by_time) and not last:
+                self.save()
+        bar.close()
+
+    def _count_skipped(self, skipped, bar) -> None:
+        if not skipped:
+            return
+        for item in skipped[:max(0, WARN_SKIPPED - self.state.skipped)]:
+            bar.write(f"warning: skipped unreadable image {getattr(item, 'reason', item)}")
+        self.state.skipped += len(skipped)
+
+    def _log(self, window: "_Window", epoch: int, bar: Progress) -> bool:
+        """Reduce the window across ranks (the one sync of a log period), check finiteness, write a row.
+        Returns whether a time-based checkpoint is due (rank 0's clock decides for every rank)."""
+        dist, s = self.dist, self.state
+        names = sorted(window.sums)
+        due = float(self.cfg.checkpoint_minutes > 0 and
+                    time.monotonic() - self._ckpt_time >= 60 * self.cfg.checkpoint_minutes and dist.is_main)
+        values = [self._bad.reshape(()), *(window.sums[k] for k in names)]
+        stats = torch.stack([v.float().to(dist.device) for v in values] + [
+            torch.tensor(float(x), device=dist.device) for x in (window.steps, window.images, s.skipped, due)])
+        stats = all_reduce_sum(stats).tolist()
+        if stats[0] > 0:
+            self._raise_non_finite()
+        steps, images, skipped, due = stats[-4:]
+        means = {k: v / max(steps, 1) for k, v in zip(names, stats[1:1 + len(names)])}
+        group = self.task.optimizer.param_groups[0]
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        base_lr = group["lr"] / group["lr_mult"] if group.get("lr_mult") else group["lr"]
+        row = dict(means, lr=base_lr, epoch=epoch + s.batch / self.task.steps_per_epoch, img_per_s=images / elapsed,
+                   skipped_images=skipped)
+        self.log.log(s.iteration, **row)
+        if "loss" in means:
+            bar.update(0, loss=means["loss"], lr=row["lr"])
+        return due > 0
+
+
+class _Window:
+    """Sums of the logged parts over one log period, kept on the device (no sync until the log step)."""
+
+    def __init__(self):
+        self.sums, self.steps, self.images, self.start = {}, 0, 0, time.perf_counter()
+
+    def add(self, out: StepOutput) -> None:
+        parts = {"loss": out.loss.detach(), **out.parts}
+        for k, v in parts.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps += 1
+        self.images += out.images
+
+
+def apply_current_schedule(optimizer, scheduler, initial_lrs) -> None:
+    """Make the freshly built learning rates (a changed optim.lr) and schedule (changed epochs) govern a
+    resumed optimizer: LambdaLR's state keeps the old base lrs, the lambdas are rebuilt from the config."""
+    for group, lr in zip(optimizer.param_groups, initial_lrs):
+        group["initial_lr"] = lr
+    scheduler.base_lrs = list(initial_lrs)
+    factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, lr, factor in zip(optimizer.param_groups, initial_lrs, factors):
+        group["lr"] = lr * factor
+    scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
+
+
+def check_ranges(section, ranges: dict, prefix: str) -> None:
+    """One-line errors for numbers outside their range: {key: (low, high)}, None = unbounded."""
+    for key, (low, high) in ranges.items():
+        value = section[key]
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or (low is not None and v < low) or \
+                    (high is not None and v > high):
+                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+                raise UserError(f"{prefix}{key}={value!r}: expected a number {bounds}")
