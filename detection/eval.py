@@ -9,10 +9,9 @@ as a COCO results json.
 """
 from __future__ import annotations
 
-import argparse
 
 from distill.core.distributed import cleanup, init_distributed
-from distill.core.errors import run_cli
+from distill.core.errors import ArgumentParser, number_in, run_cli
 
 from .coco_eval import METRICS, evaluate
 from .data import eval_loader, load_coco, split_paths
@@ -20,13 +19,13 @@ from .model import load_detector
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m detection.eval", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m detection.eval", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint.pt from detection.train")
     parser.add_argument("--coco-root", help="folder with val2017/ and annotations/instances_val2017.json")
     parser.add_argument("--val-json", help="any COCO-format annotation file")
     parser.add_argument("--val-images", help="its image folder (default: the json's folder)")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per process and step")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=number_in(int, 1), default=2, help="images per process and step")
+    parser.add_argument("--workers", type=number_in(int, 0), default=2, help="DataLoader workers per process")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", help="also write the detections here (COCO results json)")
     args = parser.parse_args(argv)

@@ -11,7 +11,6 @@ tests on the rest; SUN397 uses partition 1 (Training_01.txt / Testing_01.txt).
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from torch.utils.data import Dataset
 
 from distill.core.images import Skipped
 from distill.core.atomic import OUTPUT_ERRNOS
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
 
 MEAN_PER_CLASS, TOP1 = "mean_per_class", "top1"
 CALTECH101_TRAIN_PER_CLASS = 30  # Kornblith et al. 2019
@@ -507,7 +506,7 @@ def protocol_table(names, root: Path, download: bool = False) -> tuple[list[str]
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m transfer.datasets", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="python -m transfer.datasets", description=__doc__.split("\n")[0])
     parser.add_argument("names", nargs="*", help=f"datasets to check (default: the ten); {dataset_names()}")
     parser.add_argument("--data-root", default=None, help="default $SSLD_DATA or ./data")
     parser.add_argument("--download", action="store_true", help="let torchvision fetch the missing ones (network)")

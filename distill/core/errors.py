@@ -46,6 +46,14 @@ def run_cli(main, argv=None) -> None:
         raise SystemExit(2) from None
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors read like every other error: one `error: ...` line (exit 2 under
+    run_cli) naming the flag, instead of a screenful of usage."""
+
+    def error(self, message):
+        raise UserError(f"{message} (python -m {self.prog.removeprefix('python -m ')} --help lists the flags)")
+
+
 def number_in(kind=int, low=None, high=None, low_open: bool = False):
     """argparse `type=`: a number within [low, high] (`low_open`: low itself excluded), so a bad flag
     fails at parse time naming the flag and the allowed range (argparse prefixes the flag)."""

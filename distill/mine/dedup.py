@@ -26,7 +26,6 @@ OUT_summary.json. For a WebDataset pool, give the removed list to mining:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ from distill.core.atomic import atomic_write
 from distill.data import UNLABELED
 from distill.core.images import UnreadableImage, load_rgb
 from distill.core.distributed import barrier, cleanup, init_distributed
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 from distill.core.distributed import gather_objects as gather
 from distill.mine.pool import Pool, open_pool, relative_to, shard_loader
 from distill.mine.teacher import add_teacher_args, load_mining_teacher
@@ -320,29 +319,23 @@ def contact_sheet(path: Path, removed: list, max_pairs: int = 48, tile: int = 96
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m distill.mine dedup", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m distill.mine dedup", description=__doc__.splitlines()[0])
     add_teacher_args(parser)
     parser.add_argument("--pool", required=True, help="folder, list file or WebDataset shards")
     parser.add_argument("--against", required=True, help="evaluation images: a folder or list file")
     parser.add_argument("-o", "--out", required=True, help="kept list to write (OUT_removed.tsv/.png beside)")
-    parser.add_argument("--cos", type=float, default=0.8, help="candidate cosine similarity threshold")
-    parser.add_argument("--candidates", type=int, default=5, help="val images verified per pool image, at most")
-    parser.add_argument("--ratio", type=float, default=0.75, help="Lowe's ratio test")
-    parser.add_argument("--min-inliers", type=int, default=4, help="RANSAC inliers a duplicate needs")
-    parser.add_argument("--min-ncc", type=float, default=0.7,
+    parser.add_argument("--cos", type=number_in(float, -1, 1), default=0.8, help="candidate cosine similarity threshold")
+    parser.add_argument("--candidates", type=number_in(int, 1), default=5, help="val images verified per pool image, at most")
+    parser.add_argument("--ratio", type=number_in(float, 0, 1, low_open=True), default=0.75, help="Lowe's ratio test")
+    parser.add_argument("--min-inliers", type=number_in(int, 2), default=4, help="RANSAC inliers a duplicate needs")
+    parser.add_argument("--min-ncc", type=number_in(float, -1, 1), default=0.7,
                         help="correlation of the aligned, band-passed images a duplicate needs")
-    parser.add_argument("--max-colour-diff", type=float, default=10.0,
+    parser.add_argument("--max-colour-diff", type=number_in(float, 0, 255), default=10.0,
                         help="SIFT check: median RGB difference (0-255) of the aligned, blurred images")
-    parser.add_argument("--ransac-px", type=float, default=4.0, help="RANSAC reprojection threshold (px)")
-    parser.add_argument("--sift-size", type=int, default=256, help="longer side both images are scaled to")
-    parser.add_argument("--sheet", type=int, default=48, help="pairs on the contact sheet")
-    args = parser.parse_args(argv)
-    if not -1 <= args.cos <= 1:
-        raise UserError(f"--cos must be a cosine in [-1, 1], got {args.cos}")
-    for name in ("candidates", "min_inliers", "sift_size", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    return args
+    parser.add_argument("--ransac-px", type=number_in(float, 0, low_open=True), default=4.0, help="RANSAC reprojection threshold (px)")
+    parser.add_argument("--sift-size", type=number_in(int, 16), default=256, help="longer side both images are scaled to")
+    parser.add_argument("--sheet", type=number_in(int, 0), default=48, help="pairs on the contact sheet")
+    return parser.parse_args(argv)   # ranges are checked by the number_in types, naming the flag
 
 
 def main(argv=None):

@@ -20,7 +20,6 @@ first (paths relative to the list's folder), and OUT_summary.json with the per-c
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -31,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from distill.core.atomic import atomic_write
+from distill.core.atomic import atomic_write, remove_stale_temporaries
 from distill.core.checkpoint import load_checkpoint, save_checkpoint
 from distill.data import UNLABELED, WDS_IMAGE_KEYS, folder_source, list_source
 from distill.core.distributed import barrier, cleanup, init_distributed
-from distill.core.errors import UserError
+from distill.core.errors import ArgumentParser, UserError, number_in
 from distill.core.precision import AMP_DTYPES, autocast
 from distill.teacher import Teacher
 from distill.core.distributed import gather_objects as gather
@@ -232,11 +231,11 @@ def write_mined_shards(out_dir: Path, pool: Pool, topk: TopKPerClass, dist) -> i
 # CLI.
 
 def parse_mine_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m distill.mine", description=__doc__.splitlines()[0],
+    parser = ArgumentParser(prog="python -m distill.mine", description=__doc__.splitlines()[0],
                                      epilog="subcommands: dedup (near-duplicates of the eval set), bench")
     add_teacher_args(parser)
     parser.add_argument("--pool", required=True, help="folder, list file or WebDataset shards")
-    parser.add_argument("--k", type=int, required=True, help="images kept per class")
+    parser.add_argument("--k", type=number_in(int, 1), required=True, help="images kept per class")
     parser.add_argument("-o", "--out", required=True, help="mined list to write (relpath class score)")
     parser.add_argument("--assign", default="all", choices=ASSIGN_MODES,
                         help="all (SSLD): every class ranks every image, so an image may be listed under "
@@ -252,13 +251,7 @@ def parse_mine_args(argv):
     parser.add_argument("--state-dir", help="resume state (default OUT_state/; removed after success)")
     parser.add_argument("--fresh", action="store_true", help="ignore a previous run's state")
     parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
-    for name in ("k", "batch_size", "num_classes"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.workers < 0:
-        raise UserError(f"--workers must be >= 0, got {args.workers}")
-    return args
+    return parser.parse_args(argv)   # ranges are checked by the number_in types, naming the flag
 
 
 def stem_path(out: Path, suffix: str) -> Path:
@@ -317,6 +310,7 @@ def main(argv=None):
             finish(args, out, pool, entries, parts, num_classes, class_names, shards_written)
         barrier()
         state_path.unlink(missing_ok=True)
+        remove_stale_temporaries(state_path)   # a kill mid-save left one: it would keep state_dir from going
         barrier()
         if dist.is_main and state_dir.is_dir() and not any(state_dir.iterdir()):
             state_dir.rmdir()

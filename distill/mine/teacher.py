@@ -7,7 +7,7 @@ import torch
 
 from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
 from distill.core.images import build_transform
-from distill.core.errors import UserError
+from distill.core.errors import UserError, number_in
 from distill.teacher import Teacher, load_teacher_model
 
 def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None = None,
@@ -36,14 +36,14 @@ def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None
 def add_teacher_args(parser):
     parser.add_argument("--teacher", action="append", required=True, metavar="NAME",
                         help="artifact name/path, trainer checkpoint, zoo name or timm:ARCH (repeat: ensemble)")
-    parser.add_argument("--num-classes", type=int, default=1000, help="classes of a timm:/zoo teacher")
+    parser.add_argument("--num-classes", type=number_in(int, 1), default=1000, help="classes of a timm:/zoo teacher")
     parser.add_argument("--pretrained", action="store_true", help="timm weights for timm: teachers (network)")
-    parser.add_argument("--input-size", type=int, default=None,
+    parser.add_argument("--input-size", type=number_in(int, 8), default=None,
                         help="teacher resolution (default: the teacher's preprocessing input_size)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+    parser.add_argument("--batch-size", type=number_in(int, 1), default=64)
+    parser.add_argument("--workers", type=number_in(int, 0), default=2, help="DataLoader workers per process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    parser.add_argument("--shard-size", type=int, default=4096,
+    parser.add_argument("--shard-size", type=number_in(int, 1), default=4096,
                         help="images per shard of a folder/list pool (a WebDataset tar is one shard)")
 

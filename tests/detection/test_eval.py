@@ -73,3 +73,15 @@ def test_model_outputs_become_coco_results_with_category_ids():
 
 def test_no_detections_score_zero(val_gt, demo_root):
     assert coco_box_metrics(demo_root / "annotations" / "instances_val.json", []) == {k: 0.0 for k in METRICS}
+
+
+@pytest.mark.parametrize("flag, value, allowed", [("--batch-size", "-1", "an integer >= 1"),
+                                                  ("--workers", "-2", "an integer >= 0")])
+def test_eval_flags_out_of_range_are_one_line_before_loading_anything(tmp_path, capsys, flag, value, allowed):
+    from detection.eval import main
+    from distill.core.errors import run_cli
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, ["--checkpoint", str(tmp_path / "missing.pt"), flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {flag}: expected {allowed}, got {value}")

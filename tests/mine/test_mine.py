@@ -244,3 +244,35 @@ def test_demo_mined_recipe_trains_on_the_merged_list():
     ssld.validate(cfg)
     assert [dict(s) for s in cfg.data.train] == [{"type": "list", "path": "mined/ssld_train_list.txt"}]
     assert cfg.loss.kind == "ssld" and cfg.loss.hard_weight == 0 and cfg.teacher.models
+
+
+@pytest.mark.parametrize("flag, value, allowed", [("--input-size", "-3", "an integer >= 8"),
+                                                  ("--workers", "-1", "an integer >= 0"),
+                                                  ("--batch-size", "0", "an integer >= 1"),
+                                                  ("--k", "-2", "an integer >= 1"),
+                                                  ("--shard-size", "x", "an integer >= 1"),
+                                                  ("--num-classes", "0", "an integer >= 1")])
+def test_out_of_range_flags_are_refused_at_parse_time_naming_the_flag(tmp_path, capsys, flag, value, allowed):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(mine.main, ["--pool", str(tmp_path / "missing"), "--teacher", "timm:test_resnet", "--k", "2",
+                            "-o", str(tmp_path / "m.txt"), flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"error: argument {flag}: expected {allowed}, got ")   # before the pool is looked at
+
+
+def test_state_folder_goes_even_after_a_kill_mid_save(pool_root, tmp_path, one_thread):
+    """A kill -9 during the last state save leaves a temporary in OUT_state/; the next run removes it."""
+    import subprocess
+    import sys
+    out = tmp_path / "mined.txt"
+    run_cli(mine.main, mine_args(pool_root, tmp_path / "first.txt"))
+    state = tmp_path / "mined_state"
+    state.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from distill.core.atomic import _HOST
+    (state / f".rank000-of-001.pt.{_HOST}-{dead.pid}.abc123.tmp").write_bytes(b"half a checkpoint")
+    run_cli(mine.main, mine_args(pool_root, out))
+    assert not state.exists()
+    assert read_lines(out) == read_lines(tmp_path / "first.txt")
