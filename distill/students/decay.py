@@ -18,13 +18,14 @@ OPTIMIZER_KIND = {"sgd": COUPLED, "momentum": COUPLED, "adamw": DECOUPLED}  # ho
 
 
 def decay_kind(pretrain: dict) -> str | None:
-    """The recorded kind; artifacts written before kinds were recorded count as coupled only when trained by SGD."""
+    """The recorded kind; an artifact written before kinds were recorded is judged by its optimizer (SGD:
+    coupled, AdamW: decoupled), and an unknown optimizer leaves the kind unknown."""
     kind = pretrain.get("weight_decay_kind")
     if kind is not None:
         if kind not in KINDS:
             raise UserError(f"artifact pretrain.weight_decay_kind is {kind!r}; expected one of {', '.join(KINDS)}")
         return kind
-    return COUPLED if str(pretrain.get("optimizer", "")).lower() in ("sgd", "momentum") else None
+    return OPTIMIZER_KIND.get(str(pretrain.get("optimizer") or "").lower())
 
 
 def matched_weight_decay(meta: dict, default: float = DEFAULT_WEIGHT_DECAY,

@@ -9,6 +9,7 @@ and resumed with an HTTP Range request. `SSLD_PADDLE_BASE_URL` points the downlo
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import socket
 import urllib.error
@@ -19,6 +20,7 @@ from pathlib import Path
 from distill.core.errors import UserError
 from distill.core.progress import Progress
 from distill.students.artifact import save_student, ssld_home
+from distill.students.pdparams import PdparamsError
 
 DEFAULT_BASE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com/"
 BASE_URL_ENV = "SSLD_PADDLE_BASE_URL"
@@ -224,9 +226,9 @@ def fetch(url: str, dest, expected_size: int | None = None, sha256: str | None =
                     while chunk := response.read(CHUNK):
                         f.write(chunk)
                         bar.update(len(chunk))
-                except (OSError, socket.timeout) as e:
-                    raise DownloadError(f"download of {url} broke off ({e}); rerun the same command to resume "
-                                        f"from {part}{hint}") from None
+                except (OSError, http.client.HTTPException) as e:  # IncompleteRead: the server closed early
+                    raise DownloadError(f"download of {url} broke off ({type(e).__name__}); rerun the same command "
+                                        f"to resume from {part}{hint}") from None
         got = part.stat().st_size
         if total is not None and got != total:
             raise DownloadError(f"download of {url} stopped at {got} of {total} bytes; rerun the same command "
@@ -280,7 +282,12 @@ def download_student(name: str, home=None, progress: bool = True, force: bool = 
     pdparams = home / "downloads" / entry.file
     if not pdparams.is_file() or force:
         fetch(url, pdparams, entry.size, entry.sha256, progress=progress, hint=_offline_hint(entry, url))
-    model, meta = convert_published(pdparams, entry, url)  # unpickles through the restricted reader, checks every tensor
+    try:  # unpickles through the restricted reader, then checks every tensor against the architecture
+        model, meta = convert_published(pdparams, entry, url)
+    except PdparamsError as e:
+        pdparams.unlink(missing_ok=True)  # truncated or not a state dict: a rerun must fetch it again
+        raise DownloadError(f"{url} arrived but is not a readable PaddleClas file, so it was removed ({e}); "
+                            f"rerun, or {_offline_hint(entry, url)}") from None
     return save_student(target, model, meta)
 
 

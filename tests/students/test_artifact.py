@@ -158,3 +158,29 @@ def test_timm_spec_builds_plain_model_with_plain_multipliers():
     assert meta["recommended"]["transfer"] == [1.0] * 5
     assert meta["pretrain"]["weight_decay"] is None
     assert model.eval()(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+def test_paths_in_the_current_folder_resolve(tmp_path, ssld_home, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    make_student(tmp_path / "r50_vd_ssld.safetensors")
+    here = tmp_path / "r50_vd_ssld.safetensors"
+    for name in ("r50_vd_ssld.safetensors", "./r50_vd_ssld", "r50_vd_ssld", "./r50_vd_ssld.safetensors"):
+        assert resolve_student(name).resolve() == here, name
+    with pytest.raises(ArtifactError):
+        resolve_student("./elsewhere")  # a path is a path: no $SSLD_HOME lookup for it
+
+
+def test_missing_student_error_says_how_to_get_one(ssld_home):
+    with pytest.raises(ArtifactError) as e:
+        resolve_student("r50_vd_ssld")
+    msg = str(e.value)
+    assert "python -m distill.convert --download r50_vd_ssld" in msg
+    assert "ResNet50_vd_ssld_pretrained.pdparams --arch ResNet50_vd" in msg  # by hand, offline
+    assert "configs/r50.yaml" in msg and "configs/r50_ft.yaml" in msg and "\n" not in msg
+    with pytest.raises(ArtifactError, match=r"--download NAME \(python -m distill.zoo lists"):
+        resolve_student("my_own_student")
+
+
+def test_decay_kind_is_part_of_every_artifact():
+    pretrain = build_meta("r18_vd", 10)["pretrain"]
+    assert {"weight_decay", "weight_decay_kind", "weight_decay_source"} <= set(pretrain)
