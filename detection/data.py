@@ -3,13 +3,16 @@
 Any COCO json works: `file_name` is read relative to the image folder. Everything wrong with the
 annotations (negative box sizes, unknown categories or images, missing files) is reported with the
 offending id before training starts. Crowd boxes are left out of the training targets (detectron2) and
-kept in the evaluation ground truth, where COCOeval ignores detections that fall on them.
+kept in the evaluation ground truth, where COCOeval ignores detections that fall on them. What is left out
+is counted (`CocoSplit.summary`): crowd and zero-size boxes, images left without a usable box, categories
+that no annotation uses (Roboflow exports carry such a placeholder, id 0); a split with no usable box at
+all is refused, since it would train on nothing and score AP 0.
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +41,25 @@ class CocoSplit:
     labels: list[np.ndarray]
     category_ids: list[int]
     class_names: list[str]
+    counts: dict = field(default_factory=dict)      # boxes, crowd, degenerate, images_without_boxes
+    unused_categories: list = field(default_factory=list)   # (id, name) of categories no annotation uses
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    def summary(self) -> str:
+        """One line for the log: what the split holds and what was left out."""
+        c = self.counts
+        left_out = ", ".join(f"{c[k]} {what}" for k, what in (("crowd", "crowd"), ("degenerate", "zero-size or outside"))
+                             if c.get(k))
+        text = (f"{self.json_path.name}: {len(self)} images, {c.get('boxes', 0)} boxes"
+                + (f" ({left_out} left out)" if left_out else ""))
+        if c.get("images_without_boxes"):
+            text += f"; {c['images_without_boxes']} images without a usable box (background only)"
+        if self.unused_categories:
+            text += ("; categories without annotations (still a class of the model): "
+                     + ", ".join(f"{i} {n!r}" for i, n in self.unused_categories))
+        return text
 
 
 def split_paths(data: dict, split: str) -> tuple[Path, Path]:
@@ -107,6 +126,8 @@ def load_coco(json_path, image_root, category_ids: list[int] | None = None) -> C
 
     boxes = [[] for _ in image_ids]
     labels = [[] for _ in image_ids]
+    counts = dict(annotations=len(data["annotations"]), crowd=0, degenerate=0)
+    used_categories = set()
     for ann in data["annotations"]:
         aid, iid, cid = ann.get("id"), ann.get("image_id"), ann.get("category_id")
         problem = ("image_id {!r} is not in 'images'".format(iid) if iid not in index_of else
@@ -115,7 +136,9 @@ def load_coco(json_path, image_root, category_ids: list[int] | None = None) -> C
         if problem:
             errors.append(f"annotation id {aid!r}: {problem}")
             continue
+        used_categories.add(cid)
         if ann.get("iscrowd", 0):
+            counts["crowd"] += 1
             continue
         i = index_of[iid]
         x, y, w, h = ann["bbox"]
@@ -124,15 +147,28 @@ def load_coco(json_path, image_root, category_ids: list[int] | None = None) -> C
         if x1 > x0 and y1 > y0:   # zero-size (or outside the image) boxes cannot be trained on
             boxes[i].append((x0, y0, x1, y1))
             labels[i].append(label_of[cid])
+        else:
+            counts["degenerate"] += 1
 
     if errors:
         more = f" (+{len(errors) - MAX_LISTED_ERRORS} more)" if len(errors) > MAX_LISTED_ERRORS else ""
         raise AnnotationError(f"{json_path}: {len(errors)} problem(s), fix them before training:\n  "
                               + "\n  ".join(errors[:MAX_LISTED_ERRORS]) + more)
+    counts.update(boxes=sum(map(len, boxes)), images_without_boxes=sum(not b for b in boxes))
+    if image_ids and counts["boxes"] == 0:
+        raise AnnotationError(
+            f"{json_path}: no usable box in {len(image_ids)} images ({counts['annotations']} annotations: "
+            f"{counts['crowd']} iscrowd, {counts['degenerate']} of zero size or outside the image); "
+            "training would learn nothing and AP would be 0. Crowd boxes are never trained on: set iscrowd 0 "
+            "on the boxes that mark single objects")
+    if not image_ids:
+        raise AnnotationError(f"{json_path}: 'images' is empty")
+    names = [str(c.get("name", c["id"])) for c in categories]
+    unused = [(cid, name) for cid, name in zip(cat_ids, names) if cid not in used_categories]
     return CocoSplit(json_path, image_root, image_ids, paths,
                      [np.asarray(b, np.float32).reshape(-1, 4) for b in boxes],
                      [np.asarray(lab, np.int64) for lab in labels],
-                     cat_ids, [str(c.get("name", c["id"])) for c in categories])
+                     cat_ids, names, counts, unused)
 
 
 def read_image(path) -> torch.Tensor:

@@ -36,6 +36,8 @@ def main(argv=None) -> dict:
     if args.coco_root or args.val_json:
         data.update(coco_root=args.coco_root, val_json=args.val_json, val_images=args.val_images)
     split = load_coco(*split_paths(data, "val"), category_ids=ckpt["category_ids"])
+    if dist.is_main:
+        print(split.summary(), flush=True)
     loader = eval_loader(split, args.batch_size, args.workers, dist.rank, dist.world_size)
     metrics = evaluate(model, loader, dist.device, split, results_path=args.results)
     if dist.is_main:

@@ -103,3 +103,36 @@ def test_coco_root_layout_and_missing_data_message(tmp_path):
     from distill.core.errors import UserError
     with pytest.raises(UserError, match="data.coco_root"):
         split_paths({"coco_root": None, "train_json": None}, "train")
+
+
+def test_all_crowd_boxes_are_refused_naming_the_counts(tmp_path, demo_root, coco):
+    data = copy.deepcopy(coco)
+    for a in data["annotations"]:
+        a["iscrowd"] = 1
+    with pytest.raises(AnnotationError) as err:
+        load_coco(write(tmp_path, data), demo_root)
+    n = len(data["annotations"])
+    assert f"no usable box in {len(data['images'])} images ({n} annotations: {n} iscrowd, 0 of zero size" in str(err.value)
+    for a in data["annotations"]:    # zero-size boxes are no better
+        a.update(iscrowd=0, bbox=[3, 3, 0, 0])
+    with pytest.raises(AnnotationError, match=f"0 iscrowd, {n} of zero size"):
+        load_coco(write(tmp_path, data), demo_root)
+
+
+def test_left_out_boxes_empty_images_and_unused_categories_are_counted(tmp_path, demo_root, coco):
+    data = copy.deepcopy(coco)
+    data["categories"].insert(0, dict(id=0, name="shapes", supercategory="none"))   # a Roboflow placeholder
+    crowd = [a for a in data["annotations"] if a["image_id"] == 1]
+    for a in crowd:
+        a["iscrowd"] = 1
+    data["annotations"].append(dict(id=9999, image_id=2, category_id=1, bbox=[5, 5, 0, 10], area=0, iscrowd=0))
+    split = load_coco(write(tmp_path, data), demo_root)
+    usable = len(data["annotations"]) - len(crowd) - 1
+    assert split.counts == dict(annotations=len(data["annotations"]), crowd=len(crowd), degenerate=1,
+                                boxes=usable, images_without_boxes=1)
+    assert split.unused_categories == [(0, "shapes")]
+    assert split.summary() == (f"ann.json: {len(data['images'])} images, {usable} boxes ({len(crowd)} crowd, "
+                               "1 zero-size or outside left out); 1 images without a usable box (background only); "
+                               "categories without annotations (still a class of the model): 0 'shapes'")
+    clean = load_coco(demo_root / "annotations" / "instances_train.json", demo_root)
+    assert clean.unused_categories == [] and "left out" not in clean.summary()
