@@ -11,7 +11,7 @@ import torch
 from distill.core.checkpoint import capture_rng, load_checkpoint, restore_rng, save_checkpoint
 from distill.core.errors import UserError
 from distill.core.metrics import evaluate_classifier, topk_correct
-from distill.core.runlog import RunLog, plot_metrics, read_metrics
+from distill.core.runlog import RunLog, group_by_unit, plot_metrics, read_metrics
 from distill.core.schedule import scale_lr
 
 
@@ -129,3 +129,31 @@ def test_runlog_resume_drops_rows_after_checkpoint_and_plots(tmp_path):
     fresh = RunLog(tmp_path, tensorboard=False)  # a fresh run starts a fresh file
     fresh.log(1, loss=9.0)
     assert len(read_metrics(tmp_path / "metrics.csv")) == 1
+
+
+def test_curves_have_one_unit_per_panel_and_epochs_on_the_top_axis(tmp_path, monkeypatch):
+    """epoch, img/s and skipped images once shared an "other" panel, read against one scale."""
+    log = RunLog(tmp_path, tensorboard=False)
+    for step in range(1, 9):
+        log.log(step, loss=2.0 / step, loss_ssld=1.0 / step, lr=0.1, epoch=step / 4, img_per_s=400.0)
+    log.log(8, top1=40.0, top1_test_res=42.0, skipped_images=0)
+    log.close()
+    ssld = group_by_unit(["loss", "loss_ssld", "lr", "epoch", "img_per_s", "top1", "top1_test_res",
+                          "skipped_images", "grad_norm"])
+    assert ssld == {"loss": ("loss", ["loss", "loss_ssld"]), "accuracy": ("accuracy (%)", ["top1", "top1_test_res"]),
+                    "learning rate": ("learning rate", ["lr"]), "throughput": ("images / s", ["img_per_s"]),
+                    "skipped images": ("images (total)", ["skipped_images"]), "grad_norm": ("grad_norm", ["grad_norm"])}
+    detection = group_by_unit(["loss", "loss_classifier", "lr", "img_per_s", "AP", "AP50", "APs"])
+    assert detection["box AP"] == ("AP (%)", ["AP", "AP50", "APs"]) and list(detection)[:2] == ["loss", "box AP"]
+
+    from matplotlib.figure import Figure
+    saved, real_savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or real_savefig(fig, *a, **k))
+    png = plot_metrics(tmp_path / "metrics.csv", tmp_path / "curves.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    panels = [ax for ax in saved[0].axes if ax.get_visible()]
+    # no skipped images logged -> no panel for them; epoch is the top axis, not a curve
+    assert [ax.get_title() for ax in panels] == ["loss", "accuracy", "learning rate  (lr)", "throughput  (img_per_s)"]
+    assert [ax.get_ylabel() for ax in panels] == ["loss", "accuracy (%)", "learning rate", "images / s"]
+    assert all(line.get_label() != "epoch" for ax in panels for line in ax.get_lines())
+    assert all(len(ax.child_axes) == 1 for ax in panels)   # the epoch axis on top
