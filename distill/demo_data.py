@@ -9,8 +9,9 @@ COCO json), so the same code paths read them.
 Every image is drawn from its own numpy Generator seeded by (seed, split, class, index): the same
 seed gives byte-identical files, in any order or process.
 
-    python -m distill.demo_data OUT_DIR [--classes 8 --train-per-class 60 --val-per-class 20
-                                         --image-size 96 --seed 0 --unlabeled 0 --overwrite]
+    python -m distill.demo_data OUT_DIR [--classes 8 | --shapes heart,arrow] [--train-per-class 60
+        --val-per-class 20 --image-size 96 --seed 0 --clutter 1.0 --unlabeled 0 --unlabeled-empty 0.0
+        --val-copies 0 --overwrite]
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from distill.core.errors import UserError, run_cli
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent",
           "heart", "arrow", "frame", "semicircle")
 
-SPLIT_CODES = {"train": 0, "val": 1, "unlabeled": 2}
+SPLIT_CODES = {"train": 0, "val": 1, "unlabeled": 2, "pool_kind": 3}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 SUPERSAMPLE = 4                        # masks are drawn at 4x and box-filtered: anti-aliased edges
 JPEG_QUALITY = (45, 95)
@@ -235,7 +236,7 @@ def _random_color(rng) -> tuple:
     return (255 * r, 255 * g, 255 * b)
 
 
-def _random_fill(rng, kind, size, contrast, avoid=None) -> Fill:
+def _random_fill(rng, kind, size, contrast, avoid=None, noise: float = 1.0) -> Fill:
     """A fill of `kind`; its colour keeps OBJECT_CONTRAST from `avoid` (the RGB mean under it) if given."""
     for _ in range(50):
         c1 = _random_color(rng)
@@ -245,7 +246,7 @@ def _random_fill(rng, kind, size, contrast, avoid=None) -> Fill:
     # stripes / checks: a period of 3-9 px at 96 px, scaled with the image; blotches: 2-6 grid cells
     period = rng.uniform(3, 9) * size / 96 if kind in ("stripes", "checks") else rng.uniform(2, 6)
     return Fill(kind=kind, colors=(c1, c2), angle=float(rng.uniform(0, np.pi)), period=float(period),
-                noise=float(rng.uniform(0, MAX_NOISE)), seed=int(rng.integers(2**63)))
+                noise=float(rng.uniform(0, MAX_NOISE)) * noise, seed=int(rng.integers(2**63)))
 
 
 def _random_object(rng, shape, radius, size, margin) -> SceneObject:
@@ -261,11 +262,16 @@ def _apart(a, b, gap=2) -> bool:
     return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
 
 
-def sample_scene(rng: np.random.Generator, label: int, classes, size: int) -> Scene:
-    """One scene whose main object is `classes[label]`, with 0-2 smaller, non-overlapping distractors."""
-    background = _random_fill(rng, str(rng.choice(BACKGROUND_KINDS)), size, BACKGROUND_CONTRAST)
+def sample_scene(rng: np.random.Generator, label: int, classes, size: int, clutter: float = 1.0) -> Scene:
+    """One scene whose main object is `classes[label]`, with 0-2 smaller, non-overlapping distractors.
+
+    `clutter` in [0, 1] scales how often each nuisance appears (distractors, clutter lines, patterned
+    fills, pixel noise): 1 is the full difficulty, 0 clean shapes on plain or gradient backgrounds. The
+    same number of random draws is made at any value, so clutter=1 reproduces the default images.
+    """
+    background = _random_fill(rng, str(rng.choice(BACKGROUND_KINDS)), size, BACKGROUND_CONTRAST, noise=clutter)
     lines = []
-    if rng.random() < CLUTTER_LINES_P:
+    if rng.random() < CLUTTER_LINES_P * clutter:
         for _ in range(int(rng.integers(1, MAX_CLUTTER_LINES + 1))):
             x0, y0, x1, y1 = (float(v) for v in rng.uniform(-0.2, 1.2, 4) * size)
             width = int(rng.integers(1, 1 + max(1, size // 48)))
@@ -274,7 +280,8 @@ def sample_scene(rng: np.random.Generator, label: int, classes, size: int) -> Sc
                   jpeg_quality=int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
     placed = [_random_object(rng, classes[label], rng.uniform(*MAIN_RADIUS) * size, size, margin=0.85)]
     others = [c for i, c in enumerate(classes) if i != label]
-    count = int(rng.choice(len(DISTRACTOR_COUNT_P), p=DISTRACTOR_COUNT_P)) if others else 0
+    count_p = np.array(DISTRACTOR_COUNT_P) * clutter + np.eye(len(DISTRACTOR_COUNT_P))[0] * (1 - clutter)
+    count = int(rng.choice(len(DISTRACTOR_COUNT_P), p=count_p)) if others else 0
     for _ in range(count):
         shape, radius = str(rng.choice(others)), rng.uniform(*DISTRACTOR_RADIUS) * size
         for _ in range(20):      # rejection: distractors never overlap, so every box is fully visible
@@ -286,8 +293,9 @@ def sample_scene(rng: np.random.Generator, label: int, classes, size: int) -> Sc
     objects = []
     for obj in placed:
         x0, y0, x1, y1 = obj.box
-        kind = str(rng.choice(PATTERN_KINDS)) if rng.random() < PATTERNED_P else "solid"
-        fill = _random_fill(rng, kind, size, PATTERN_CONTRAST, avoid=bg[y0:y1, x0:x1].reshape(-1, 3).mean(0))
+        kind = str(rng.choice(PATTERN_KINDS)) if rng.random() < PATTERNED_P * clutter else "solid"
+        fill = _random_fill(rng, kind, size, PATTERN_CONTRAST, avoid=bg[y0:y1, x0:x1].reshape(-1, 3).mean(0),
+                            noise=clutter)
         objects.append(dataclasses.replace(obj, fill=fill))
     return dataclasses.replace(scene, objects=tuple(objects))
 
@@ -298,9 +306,24 @@ def image_rng(seed: int, split: str, index: int, label: int | None = None) -> np
     return np.random.default_rng(np.random.SeedSequence(entropy))
 
 
-def labeled_scene(seed: int, split: str, label: int, index: int, classes, image_size: int) -> Scene:
+def labeled_scene(seed: int, split: str, label: int, index: int, classes, image_size: int,
+                  clutter: float = 1.0) -> Scene:
     """The scene of the `index`-th image of class `label` in `split`, as `generate` writes it."""
-    return sample_scene(image_rng(seed, split, index, label), label, classes, image_size)
+    return sample_scene(image_rng(seed, split, index, label), label, classes, image_size, clutter)
+
+
+def unlabeled_scene(seed: int, index: int, classes, image_size: int, clutter: float = 1.0,
+                    empty: float = 0.0) -> Scene:
+    """The `index`-th pool image: a scene of a random class, or with probability `empty` the same scene
+    without its main object (an off-topic image: background, clutter and small distractors only)."""
+    rng = image_rng(seed, "unlabeled", index)
+    scene = sample_scene(rng, int(rng.integers(len(classes))), classes, image_size, clutter)
+    return scene.without(0) if is_off_topic(seed, index, empty) else scene
+
+
+def is_off_topic(seed: int, index: int, empty: float) -> bool:
+    """Whether the `index`-th pool image has no main object (its own stream: other images are unchanged)."""
+    return empty > 0 and bool(image_rng(seed, "pool_kind", index).random() < empty)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -335,9 +358,27 @@ def _coco_annotations(scene, image_id, next_ann_id, class_index):
 
 
 def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_per_class: int = 20,
-             image_size: int = 96, seed: int = 0, unlabeled: int = 0, overwrite: bool = False) -> dict:
-    """Write the demo dataset under `out_dir` and return a summary dict (counts, classes, paths)."""
+             image_size: int = 96, seed: int = 0, unlabeled: int = 0, overwrite: bool = False,
+             shapes=None, clutter: float = 1.0, unlabeled_empty: float = 0.0, val_copies: int = 0) -> dict:
+    """Write the demo dataset under `out_dir` and return a summary dict (counts, classes, paths).
+
+    shapes: class names to use instead of the first `num_classes` of SHAPES (a downstream task with
+    classes a pretraining set never had). clutter: nuisance level in [0, 1] (see sample_scene).
+    unlabeled_empty: share of pool images without a main object (off-topic images mining should skip).
+    val_copies: also put this many mirrored, re-compressed copies of val images into the pool (what
+    deduplication against val must find).
+    """
+    if shapes is not None:
+        shapes = [shapes] if isinstance(shapes, str) else list(shapes)
+        unknown = [s for s in shapes if s not in SHAPES]
+        if unknown or len(set(shapes)) != len(shapes) or not shapes:
+            raise UserError(f"demo data: shapes={shapes!r}; expected distinct names from {', '.join(SHAPES)}")
+        num_classes = len(shapes)
     _check("num_classes", num_classes, 1, len(SHAPES))
+    for name, value in (("clutter", clutter), ("unlabeled_empty", unlabeled_empty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise UserError(f"demo data: {name}={value!r}, expected a number in 0..1")
+    _check("val_copies", val_copies, 0)
     _check("train_per_class", train_per_class, 1)
     _check("val_per_class", val_per_class, 1)
     _check("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
@@ -354,19 +395,23 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
     start = time.perf_counter()
-    classes = sorted(SHAPES[:num_classes])
+    classes = sorted(shapes if shapes is not None else SHAPES[:num_classes])
     class_index = {name: i for i, name in enumerate(classes)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
     categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(classes)]
-    summary = {"out_dir": str(out), "classes": classes, "image_size": image_size, "seed": seed}
+    summary = {"out_dir": str(out), "classes": classes, "image_size": image_size, "seed": seed,
+               "clutter": clutter}
+    val_scenes = []
 
     for split, per_class in (("train", train_per_class), ("val", val_per_class)):
         images, annotations, lines = [], [], []
         for label, name in enumerate(classes):
             for i in range(per_class):
                 image_id = len(images) + 1
-                scene = labeled_scene(seed, split, label, i, classes, image_size)
+                scene = labeled_scene(seed, split, label, i, classes, image_size, clutter)
+                if split == "val" and val_copies:
+                    val_scenes.append(scene)
                 rel = f"{split}/{name}/{image_id:06d}.jpg"
                 _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
                 images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
@@ -381,17 +426,26 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
                           "folder": str(out / split), "list": str(out / f"{split}_list.txt"),
                           "coco": str(out / "annotations" / f"instances_{split}.json")}
 
-    lines = []
+    if val_copies > len(val_scenes):
+        raise UserError(f"demo data: val_copies={val_copies} but val has only {len(val_scenes)} images")
+    val_scenes = [val_scenes[j * len(val_scenes) // val_copies] for j in range(val_copies)]  # every class
+    lines, empty = [], 0
     for i in range(unlabeled):
-        rng = image_rng(seed, "unlabeled", i)
-        scene = sample_scene(rng, int(rng.integers(num_classes)), classes, image_size)
+        scene = unlabeled_scene(seed, i, classes, image_size, clutter, unlabeled_empty)
+        empty += is_off_topic(seed, i, unlabeled_empty)
         rel = f"unlabeled/{i + 1:06d}.jpg"
         _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
         lines.append(rel + "\n")
-    if unlabeled:
+    # Copies land at evenly spread pool positions: mirrored, and re-compressed at another quality.
+    for j, scene in enumerate(val_scenes):
+        rel = f"unlabeled/copy_{j + 1:06d}.jpg"
+        image = render_scene(scene).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        _save_jpeg(image, out / rel, JPEG_QUALITY[0] + (scene.jpeg_quality - JPEG_QUALITY[0] + 25) % 51)
+        lines.insert((j * (len(lines) + 1)) // max(len(val_scenes), 1) + j, rel + "\n")
+    if lines:
         (out / "unlabeled_list.txt").write_text("".join(lines))
-    summary["unlabeled"] = {"images": unlabeled,
-                            "list": str(out / "unlabeled_list.txt") if unlabeled else None}
+    summary["unlabeled"] = {"images": len(lines), "off_topic": empty, "val_copies": len(val_scenes),
+                            "list": str(out / "unlabeled_list.txt") if lines else None}
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary
 
@@ -405,7 +459,11 @@ def format_summary(summary: dict) -> str:
         text.append(f"  {split}: {d['images']} images, {d['objects']} boxes -> {d['folder']}/, "
                     f"{d['list']}, {d['coco']}")
     if s["unlabeled"]["images"]:
-        text.append(f"  unlabeled: {s['unlabeled']['images']} images -> {s['unlabeled']['list']}")
+        u = s["unlabeled"]
+        extra = [f"{u[k]} {what}" for k, what in (("off_topic", "off-topic"), ("val_copies", "copies of val images"))
+                 if u.get(k)]
+        text.append(f"  unlabeled: {u['images']} images" + (f" ({', '.join(extra)})" if extra else "")
+                    + f" -> {u['list']}")
     text.append(f"  took {s['seconds']:.2f} s")
     return "\n".join(text)
 
@@ -419,11 +477,18 @@ def main(argv=None) -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--unlabeled", type=int, default=0, help="also write N unlabeled images")
+    parser.add_argument("--shapes", help=f"comma-separated class names instead of --classes ({','.join(SHAPES)})")
+    parser.add_argument("--clutter", type=float, default=1.0, help="nuisance level 0..1 (1: full difficulty)")
+    parser.add_argument("--unlabeled-empty", type=float, default=0.0,
+                        help="share of unlabeled images without a main object (off-topic)")
+    parser.add_argument("--val-copies", type=int, default=0, help="mirrored copies of val images in the pool")
     parser.add_argument("--overwrite", action="store_true", help="replace demo data already in OUT_DIR")
     args = parser.parse_args(argv)
     summary = generate(args.out_dir, num_classes=args.classes, train_per_class=args.train_per_class,
                        val_per_class=args.val_per_class, image_size=args.image_size, seed=args.seed,
-                       unlabeled=args.unlabeled, overwrite=args.overwrite)
+                       unlabeled=args.unlabeled, overwrite=args.overwrite,
+                       shapes=args.shapes.split(",") if args.shapes else None, clutter=args.clutter,
+                       unlabeled_empty=args.unlabeled_empty, val_copies=args.val_copies)
     print(format_summary(summary))
 
 
