@@ -47,7 +47,7 @@ from distill.core.distributed import barrier, cleanup, init_distributed
 from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 from distill.core.distributed import gather_objects as gather
 from distill.mine.pool import Pool, open_pool, relative_to, shard_loader
-from distill.mine.teacher import add_teacher_args, load_mining_teacher
+from distill.mine.teacher import add_teacher_args, load_mining_teacher, untrained_teacher
 from distill.mine.mining import stem_path, write_list
 from distill.core.precision import AMP_DTYPES, autocast
 
@@ -318,6 +318,22 @@ def contact_sheet(path: Path, removed: list, max_pairs: int = 48, tile: int = 96
     return atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
 
 
+def check_teacher_is_trained(sources, metas, allowed: bool, loud: bool) -> None:
+    """Refuse a teacher without trained weights: its features do not tell images apart, almost every pair
+    passes the cosine filter and which copies SIFT gets to see becomes luck."""
+    reasons = [r for r in (untrained_teacher(s, m) for s, m in zip(sources, metas)) if r]
+    if not reasons:
+        return
+    why = "; ".join(reasons)
+    if not allowed:
+        raise UserError(f"dedup needs a trained teacher: {why}. Its features would rank candidates by chance, "
+                        "so near-duplicates would be missed; pass a trained artifact or --pretrained, or "
+                        "--allow-untrained-teacher to run anyway")
+    if loud:
+        print(f"WARNING: dedup with an untrained teacher ({why}): candidates are ranked by chance and "
+              "near-duplicates will be missed unless every pair is verified (--cos -1)", file=sys.stderr)
+
+
 def parse_args(argv):
     parser = ArgumentParser(prog="python -m distill.mine dedup", description=__doc__.splitlines()[0])
     add_teacher_args(parser)
@@ -335,6 +351,9 @@ def parse_args(argv):
     parser.add_argument("--ransac-px", type=number_in(float, 0, low_open=True), default=4.0, help="RANSAC reprojection threshold (px)")
     parser.add_argument("--sift-size", type=number_in(int, 16), default=256, help="longer side both images are scaled to")
     parser.add_argument("--sheet", type=number_in(int, 0), default=48, help="pairs on the contact sheet")
+    parser.add_argument("--allow-untrained-teacher", action="store_true",
+                        help="run with a teacher without trained weights (tests, benchmarks): its features "
+                             "rank candidates by chance")
     return parser.parse_args(argv)   # ranges are checked by the number_in types, naming the flag
 
 
@@ -348,8 +367,9 @@ def main(argv=None):
     dist = init_distributed(args.device)
     try:
         start = time.perf_counter()
-        _, transform, _, model = load_mining_teacher(args.teacher, args.num_classes, args.input_size,
-                                                     args.pretrained)
+        teacher, transform, _, model = load_mining_teacher(args.teacher, args.num_classes, args.input_size,
+                                                           args.pretrained)
+        check_teacher_is_trained(args.teacher, teacher.metas, args.allow_untrained_teacher, dist.is_main)
         model = model.eval().to(dist.device)
         index = build_val_index(val, model, transform, args.batch_size, args.workers, dist.device, args.amp)
         matcher = SiftMatcher(args.sift_size, args.ratio, args.min_inliers, args.min_ncc, args.max_colour_diff,

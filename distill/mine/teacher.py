@@ -33,6 +33,22 @@ def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None
 
 
 
+TRAINED_SOURCES = ("PaddleClas", "timm pretrained")
+
+
+def untrained_teacher(source: str, meta: dict) -> str | None:
+    """Why this teacher has no trained weights, or None. A trainer checkpoint counts as trained; an artifact
+    needs a trained origin (converted, timm weights) or pretrain results (a top-1)."""
+    if str(source).endswith((".pt", ".pth")):
+        return None
+    pretrain = meta.get("pretrain") or {}
+    if pretrain.get("source") == "random init":
+        return f"{source} is randomly initialised (a timm:/zoo name without --pretrained)"
+    if pretrain.get("source") in TRAINED_SOURCES or pretrain.get("top1") is not None:
+        return None
+    return f"{source} records no pretrain results (no top-1, no trained origin in its metadata)"
+
+
 def add_teacher_args(parser):
     parser.add_argument("--teacher", action="append", required=True, metavar="NAME",
                         help="artifact name/path, trainer checkpoint, zoo name or timm:ARCH (repeat: ensemble)")

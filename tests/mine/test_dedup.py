@@ -4,11 +4,15 @@ import os
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from PIL import Image, ImageOps
 
 from distill.mine.dedup import ValIndex, main as dedup_main, top_candidates
 from distill.core.errors import run_cli
+from distill.mine.teacher import untrained_teacher
+from distill.students.artifact import build_meta, read_meta, save_student
+from helpers import make_artifact
 
 KINDS = ("resized", "cropped", "flipped", "recompressed")
 
@@ -63,7 +67,8 @@ def test_every_planted_copy_is_removed_and_no_distinct_image(planted, tmp_path):
         run_cli(dedup_main, ["--teacher", "timm:test_resnet", "--num-classes", "4", "--input-size", "32",
                              "--pool", str(root / "pool"), "--against", str(root / "data" / "val"),
                              "-o", str(tmp_path / "kept.txt"), "--cos", "-1", "--candidates", "12",
-                             "--workers", "0", "--device", "cpu", "--sift-size", "192"])
+                             "--workers", "0", "--device", "cpu", "--sift-size", "192",
+                             "--allow-untrained-teacher"])
     finally:
         torch.set_num_threads(before)
     removed = [line.split("\t") for line in (tmp_path / "kept_removed.tsv").read_text().splitlines()[1:]]
@@ -90,3 +95,25 @@ def test_candidates_in_chunks_equal_the_full_similarity_matrix():
         want = sorted(((s, v) for v, s in best.items() if s >= 0.1), key=lambda t: -t[0])[:3]
         assert [v for v, _ in cands] == [v for _, v in want]
         assert [s for _, s in cands] == pytest.approx([s for s, _ in want], abs=1e-6)
+
+
+def test_a_teacher_without_trained_weights_is_refused(planted, tmp_path, capsys, ssld_home):
+    root, _, _ = planted
+    common = ["--pool", str(root / "pool"), "--against", str(root / "data" / "val"), "-o", str(tmp_path / "k.txt"),
+              "--workers", "0", "--device", "cpu", "--input-size", "32"]
+    untrained = tmp_path / "untrained.safetensors"
+    save_student(untrained, timm.create_model("test_resnet", num_classes=4), build_meta("u", 4, arch="test_resnet"))
+    for teacher, why in [("timm:test_resnet", "timm:test_resnet is randomly initialised"),
+                         (str(untrained), f"{untrained} records no pretrain results")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(dedup_main, ["--teacher", teacher, "--num-classes", "4", *common])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert err.startswith(f"error: dedup needs a trained teacher: {why}") and "--allow-untrained-teacher" in err
+        assert not (tmp_path / "k.txt").exists()
+    trained = make_artifact(tmp_path / "trained.safetensors", num_classes=4)   # records pretrain settings only
+    assert untrained_teacher(str(trained), read_meta(trained)) is not None
+    meta = dict(read_meta(trained))
+    meta["pretrain"] = dict(meta["pretrain"], top1=71.5)
+    assert untrained_teacher(str(trained), meta) is None
+    assert untrained_teacher("timm:resnet50", dict(pretrain=dict(source="timm pretrained"))) is None
