@@ -304,3 +304,14 @@ def student_status(home=None) -> list[dict]:
                          status="installed" if installed else ("downloadable" if ok else "no converter yet"),
                          path=str(path) if installed else None, url=url_for(entry)))
     return rows
+
+
+def status_lines(home=None) -> list[str]:
+    """The published students as `python -m distill.zoo` prints them: installed, or how to download."""
+    rows = student_status(home)
+    width = max(len(r["name"]) for r in rows)
+    lines = ["Published SSLD students (python -m distill.convert --download NAME):"]
+    for r in rows:
+        where = r["path"] if r["installed"] else r["url"]
+        lines.append(f"  {r['name']:<{width}}  {r['status']:<16}  top-1 {r['top1']:5.2f}%  {where}")
+    return lines
