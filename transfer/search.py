@@ -25,7 +25,6 @@ import copy
 import csv
 import itertools
 import json
-import math
 import multiprocessing as mp
 import os
 import re
@@ -47,8 +46,8 @@ from .datasets import TEN, load_dataset
 
 SEARCH_CONFIG = resolve_recipe("transfer/search")
 ALIASES = {"lr": "optim.lr", "wd": "optim.weight_decay", "weight_decay": "optim.weight_decay",
-           "lr_mult": "optim.lr_mult", "epochs": "schedule.epochs", "mixup": "train.mixup",
-           "label_smoothing": "train.label_smoothing", "batch_size": "train.batch_size"}
+           "lr_mult": "optim.lr_mult", "epochs": "schedule.epochs", "mixup": "data.mixup",
+           "label_smoothing": "loss.label_smoothing", "batch_size": "data.batch_size"}
 SHORT = {v: k for k, v in ALIASES.items() if k not in ("weight_decay",)}
 PLAIN_MULT = [1.0] * 5
 
@@ -58,7 +57,7 @@ PLAIN_MULT = [1.0] * 5
 
 def parse_grid(items) -> dict[str, list]:
     """['lr=0.01,0.003', 'lr_mult=1,1,1,1,1:0.1,...'] -> {'optim.lr': [0.01, 0.003], 'optim.lr_mult': [...]}"""
-    schema = read_yaml(ft.BASE_CONFIG)
+    schema = ft.DEFAULTS
     grid = {}
     for item in items:
         if "=" not in item:
@@ -68,7 +67,7 @@ def parse_grid(items) -> dict[str, list]:
         section, _, leaf = key.rpartition(".")
         if (schema.get(section, {}) if section else schema).get(leaf, "missing") == "missing":
             raise UserError(f"grid axis {name!r} is not a config key; use {', '.join(ALIASES)} or a key "
-                            f"of {ft.BASE_CONFIG.name} such as optim.momentum")
+                            "of transfer.finetune's schema such as optim.momentum")
         if key == "optim.lr_mult":
             values = [parse_multipliers(v) for v in raw.split(":") if v.strip()]
         else:
@@ -123,13 +122,13 @@ def cells_of(grid: dict) -> list[dict]:
 
 def cell_config(base: Config, cell: dict, out: Path, split: str, parallel: bool) -> Config:
     cfg = copy.deepcopy(base.to_dict())
-    cfg["out"] = str(out)
+    cfg["run"]["out_dir"] = str(out)
     cfg["data"]["split"] = split
     if split == "select":
         cfg["fix"]["enabled"] = False  # selection compares fine-tuning; Fix runs on the final model only
     if parallel:
-        cfg["train"]["progress"] = False
-        cfg["device"] = "cuda"
+        cfg["run"]["progress"] = False
+        cfg["run"]["device"] = "cuda"
     for key, value in cell.items():
         node = cfg
         *parents, leaf = key.split(".")
@@ -154,7 +153,7 @@ def run_or_record_divergence(cfg: Config, data=None) -> dict:
     except ft.Diverged as e:
         print(f"cell diverged: {e}", flush=True)
         results = {"diverged": str(e)}
-        out = Path(cfg.out)
+        out = Path(cfg.run.out_dir)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
         return results
@@ -323,12 +322,19 @@ def _cell_text(v) -> str:
     return "" if v is None else str(v)
 
 
+AXIS_NAMES = {"lr": "learning rate", "wd": "weight decay", "lr_mult": "lr multipliers"}
+METRIC_NAMES = {"top1": "top-1 accuracy", "mean_per_class": "mean per-class accuracy"}
+
+
 def plot_heatmap(path: Path, grid: dict, rows: list[dict], metric: str) -> Path:
-    """Validation score over lr (rows) x weight decay (columns); one panel per value of the other axes."""
+    """Validation score over lr (rows) x weight decay (columns); one panel per value of the other axes, one
+    colour scale for all panels (with its bar), the selected cell outlined, diverged cells marked."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.colors import Normalize
+    from matplotlib.patches import Rectangle
 
     keys = list(grid)
     row_key = "optim.lr" if "optim.lr" in keys else keys[0]
@@ -337,29 +343,46 @@ def plot_heatmap(path: Path, grid: dict, rows: list[dict], metric: str) -> Path:
     panel_keys = [k for k in rest if k != col_key]
     panels = list(itertools.product(*(grid[k] for k in panel_keys))) or [()]
     r_vals, c_vals = grid[row_key], grid[col_key] if col_key else [None]
-    lookup = {r["cell"]: (math.nan if r["val"] is None else r["val"]) for r in rows}
-    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 1.1 * len(c_vals) * len(panels) + 1.5 * len(panels),
-                                                      1.2 + 0.55 * len(r_vals)), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
-        grid_vals = np.full((len(r_vals), len(c_vals)), np.nan)
-        for i, rv in enumerate(r_vals):
-            for j, cv in enumerate(c_vals):
-                cell = {row_key: rv, **({col_key: cv} if col_key else {}), **dict(zip(panel_keys, panel))}
-                cell = {k: cell[k] for k in keys}
-                grid_vals[i, j] = lookup.get(cell_id(cell), math.nan)
-        ax.imshow(grid_vals, cmap="viridis", aspect="auto")
+    scores = {r["cell"]: r["val"] for r in rows}   # None: diverged; absent: not run yet
+    best = best_row(rows)["cell"] if any(r["val"] is not None for r in rows) else None
+
+    def cell_at(i, j, panel):
+        cell = {row_key: r_vals[i], **({col_key: c_vals[j]} if col_key else {}), **dict(zip(panel_keys, panel))}
+        return cell_id({k: cell[k] for k in keys})
+
+    values = [np.array([[scores.get(cell_at(i, j, p)) for j in range(len(c_vals))] for i in range(len(r_vals))],
+                       dtype=float) for p in panels]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values])
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    norm = Normalize(lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else Normalize(lo, hi)
+    cmap = plt.get_cmap("viridis").with_extremes(bad="0.88")
+    name = lambda k: AXIS_NAMES.get(SHORT.get(k, k), SHORT.get(k, k))  # noqa: E731
+    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
+                             figsize=(max(5.5, 1.6 + len(panels) * (1.3 + 0.85 * len(c_vals))),
+                                      max(3.2, 1.7 + 0.5 * len(r_vals))))
+    for ax, panel, grid_vals in zip(axes[0], panels, values):
+        image = ax.imshow(np.ma.masked_invalid(grid_vals), cmap=cmap, norm=norm, aspect="auto")
         for i in range(len(r_vals)):
             for j in range(len(c_vals)):
-                if not math.isnan(grid_vals[i, j]):
-                    ax.text(j, i, f"{grid_vals[i, j]:.1f}", ha="center", va="center", color="w", fontsize=8)
-        ax.set_yticks(range(len(r_vals)), [fmt_value(v) for v in r_vals])
-        ax.set_xticks(range(len(c_vals)), [fmt_value(v) if v is not None else "" for v in c_vals])
-        ax.set_ylabel(SHORT.get(row_key, row_key))
-        ax.set_xlabel(SHORT.get(col_key, col_key) if col_key else "")
-        ax.set_title(", ".join(f"{SHORT.get(k, k)}={fmt_value(v)}" for k, v in zip(panel_keys, panel))
-                     or f"val {metric}", fontsize=9)
-    fig.suptitle(f"validation {metric}", fontsize=10)
-    fig.tight_layout()
+                cid, v = cell_at(i, j, panel), grid_vals[i, j]
+                if np.isfinite(v):
+                    r, g, b, _ = cmap(norm(v))
+                    ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # legible on any fill
+                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=ink, fontsize=9)
+                elif cid in scores:
+                    ax.text(j, i, "diverged", ha="center", va="center", color="0.3", fontsize=7)
+                if cid == best:
+                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
+        ax.set_yticks(range(len(r_vals)), [fmt_value(v) for v in r_vals], fontsize=9)
+        ax.set_xticks(range(len(c_vals)), [fmt_value(v) if v is not None else "" for v in c_vals], fontsize=9)
+        ax.set_ylabel(name(row_key), fontsize=10)
+        ax.set_xlabel(name(col_key) if col_key else "", fontsize=10)
+        if panel_keys:
+            ax.set_title(", ".join(f"{SHORT.get(k, k)} = {fmt_value(v)}" for k, v in zip(panel_keys, panel)),
+                         fontsize=10)
+    label = f"validation {METRIC_NAMES.get(metric, metric)} (%)"
+    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9, pad=0.02)
+    fig.suptitle(label + ("\nred box: the selected cell" if best else ""), fontsize=10)
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -436,12 +459,12 @@ def main(argv=None):
     if args.all:
         if not (args.baseline and args.distilled):
             raise UserError("--all needs --baseline BACKBONE and --distilled BACKBONE")
-        out = Path(getattr(args, "out") or "runs/transfer_search")
+        out = Path(getattr(args, "run.out_dir") or "runs/transfer_search")
         return search_all(args, grid, out, gpus, [d.strip() for d in args.datasets.split(",") if d.strip()])
     base = ft.build_config(args)
-    if base.device == "cpu":
+    if base.run.device == "cpu":
         gpus = 0
-    out = Path(base.out) if base.out else Path("runs") / "transfer_search" / ft.default_out(base).relative_to(
+    out = Path(base.run.out_dir) if base.run.out_dir else Path("runs") / "transfer_search" / ft.default_out(base).relative_to(
         Path("runs") / "transfer")
     return search(base, grid, out, gpus, final=not args.no_final)
 

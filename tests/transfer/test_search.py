@@ -11,7 +11,7 @@ from distill.core.errors import UserError, run_cli
 from helpers import MULT, make_artifact
 
 COMMON = ["--epochs", "1", "--batch-size", "8", "--workers", "0", "--no-progress", "--image-size", "32",
-          "-o", "train.eval_every=0"]
+          "-o", "eval.every_epochs=0", "-o", "optim.base_batch=8"]
 
 
 def test_grid_axes_parse_with_aliases_and_colon_separated_multiplier_lists():
@@ -37,7 +37,7 @@ def test_default_grid_is_7x7_plus_multiplier_lists_for_distilled_backbones():
 def test_search_selects_on_val_retrains_best_on_trainval_and_skips_finished_cells(tmp_path, demo_root,
                                                                                   monkeypatch):
     out = tmp_path / "search"
-    argv = ["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--out", str(out), *COMMON,
+    argv = ["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--out-dir", str(out), *COMMON,
             "--grid", "lr=0.05,0.01,1e6", "wd=1e-4"]
     summary = search.main(argv)
     with open(out / "search.csv") as f:
@@ -56,7 +56,7 @@ def test_search_selects_on_val_retrains_best_on_trainval_and_skips_finished_cell
 
     trained = []
     real = ft.fine_tune
-    monkeypatch.setattr(ft, "fine_tune", lambda cfg, **kw: trained.append(cfg.out) or real(cfg, **kw))
+    monkeypatch.setattr(ft, "fine_tune", lambda cfg, **kw: trained.append(cfg.run.out_dir) or real(cfg, **kw))
     search.main(argv[:-2] + ["lr=0.05,0.01,1e6,0.002", "wd=1e-4"])   # a restart with one more cell
     assert trained[0] == str(out / "cells" / "lr=0.002_wd=0.0001")
     assert not [t for t in trained if "/cells/" in t and "lr=0.002" not in t]   # finished cells skipped
@@ -70,7 +70,7 @@ def test_all_writes_the_baseline_vs_distilled_table_and_survives_a_missing_datas
     with pytest.raises(UserError, match=r"^2 of 4 searches failed \(flowers102 / timm:test_resnet: .*the other 2 "):
         search.main(["--all", "--baseline", "timm:test_resnet", "--distilled", str(distilled),
                      "--datasets", f"folder:{demo_root},flowers102", "--data-root", str(tmp_path / "none"),
-                     "--out", str(out), *COMMON, "--grid", "lr=0.05"])
+                     "--out-dir", str(out), *COMMON, "--grid", "lr=0.05"])
     table = json.loads((out / "transfer_table.json").read_text())   # what ran is still reported
     assert [r["dataset"] for r in table] == [f"folder:{demo_root}", "flowers102"]
     assert table[0]["baseline"] is not None and table[0]["distilled"] is not None
@@ -86,7 +86,7 @@ def test_a_sweep_where_nothing_ran_exits_2_with_one_line(tmp_path, capsys):
     """--all on a machine without the datasets: a script must not read the n/a table as success."""
     out = tmp_path / "all"
     argv = ["--all", "--baseline", "timm:test_resnet", "--distilled", "timm:test_resnet", "--datasets",
-            "flowers102,pets", "--data-root", str(tmp_path / "none"), "--out", str(out), *COMMON]
+            "flowers102,pets", "--data-root", str(tmp_path / "none"), "--out-dir", str(out), *COMMON]
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_cli(search.main, argv)
@@ -101,8 +101,27 @@ def test_a_sweep_where_nothing_ran_exits_2_with_one_line(tmp_path, capsys):
 def test_a_search_whose_cells_all_diverged_fails_but_keeps_its_table(tmp_path, demo_root):
     out = tmp_path / "search"
     with pytest.raises(UserError, match="every cell of the grid diverged: all 2 cells"):
-        search.main(["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--out", str(out),
+        search.main(["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--out-dir", str(out),
                      *COMMON, "--grid", "lr=1e6,1e7"])
     with open(out / "search.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["diverged"] for r in rows] == ["True", "True"]
+
+
+def test_heatmap_shares_one_colour_scale_with_a_bar_and_legible_labels(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+    saved, real_savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or real_savefig(fig, *a, **k))
+    grid = {"optim.lr": [0.1, 0.01], "optim.weight_decay": [1e-4, 1e-5], "optim.lr_mult": [MULT, [1.0] * 5]}
+    cells = search.cells_of(grid)
+    rows = [{"cell": search.cell_id(c), "val": None if i == 0 else 50.0 + 5 * i} for i, c in enumerate(cells)]
+    search.plot_heatmap(tmp_path / "search.png", grid, rows, "top1")
+    fig = saved[0]
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == 2 and len(fig.axes) == 3                        # two lr_mult panels + the colour bar
+    assert "top-1 accuracy (%)" in fig.axes[2].get_ylabel()
+    assert {ax.images[0].norm.vmin for ax in panels} == {55.0} and {ax.images[0].norm.vmax for ax in panels} == {85.0}
+    ink = {t.get_text(): t.get_color() for ax in panels for t in ax.texts}
+    assert ink["85.0"] == "black" and ink["55.0"] == "white" and "diverged" in ink   # dark on yellow, light on purple
+    best = [p for ax in panels for p in ax.patches]
+    assert len(best) == 1 and best[0].get_xy() == (0.5, 0.5)              # the 85.0 cell: lr 0.01, wd 1e-5
