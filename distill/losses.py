@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from distill.core.cross_entropy import IGNORE, hard_ce_loss  # noqa: F401  (IGNORE: re-exported)
 from distill.core.errors import UserError
 
 EPS = 1e-12  # PaddleClas DMLLoss eps
 SOFT_LOSSES = ("ssld", "jsd", "kl", "soft_ce")
 LOSS_KINDS = SOFT_LOSSES + ("ce",)
-IGNORE = -1  # the label of an unlabeled image
 
 
 def ssld_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
@@ -50,28 +50,6 @@ def kl_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
 def soft_ce_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
     """Cross-entropy with the teacher's distribution as target: -sum q log p."""
     return -(teacher_probs.float() * F.log_softmax(student_logits.float(), dim=1)).sum(dim=1).mean()
-
-
-def hard_ce_loss(student_logits: torch.Tensor, labels: torch.Tensor, mix=None,
-                 label_smoothing: float = 0.0) -> torch.Tensor:
-    """Cross-entropy on the labeled images only (label -1 = unlabeled), mixup-aware.
-
-    `mix` = (lam, labels_rolled) when the batch was mixed with itself rolled by one: the target is then
-    lam * y + (1 - lam) * y_rolled, each part over the images that carry that label.
-    """
-    logits = student_logits.float()
-    if mix is None:
-        return _masked_ce(logits, labels, label_smoothing)
-    lam, rolled = mix
-    return lam * _masked_ce(logits, labels, label_smoothing) + (1 - lam) * _masked_ce(logits, rolled, label_smoothing)
-
-
-def _masked_ce(logits, labels, label_smoothing):
-    labeled = labels != IGNORE
-    if not bool(labeled.any()):
-        return logits.sum() * 0.0  # keeps the graph (and DDP's gradient hooks) alive
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum", label_smoothing=label_smoothing)
-    return ce / labeled.sum()
 
 
 class DistillLoss:

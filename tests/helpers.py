@@ -41,6 +41,6 @@ def make_artifact(path, weight_decay=3e-5, mult=MULT, num_classes=10):
     model = timm.create_model("test_resnet", num_classes=num_classes)
     meta = build_meta("tiny", num_classes, arch="test_resnet", model=model,
                       preprocessing=dict(input_size=32, test_input_size=48),
-                      pretrain=dict(weight_decay=weight_decay), recommended=dict(transfer=list(mult)))
+                      pretrain=dict(weight_decay=weight_decay, weight_decay_kind="coupled", optimizer="sgd"), recommended=dict(transfer=list(mult)))
     save_student(path, model, meta)
     return path

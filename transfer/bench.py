@@ -4,8 +4,9 @@
     python -m transfer.bench --backbone r50_vd_ssld --image-size 224 --batch-size 64 --amp bf16 --channels-last
 
 Both loops train the same model (same initial weights) on the same in-memory batches, so the figure
-is the training step: ours (transfer.finetune.train_one_epoch: per-stage parameter groups, per-iteration
-schedule, mixup/label-smoothing aware loss, skipped-image bookkeeping) against the plain loop of
+is the training step: ours (the engine's loop, distill.core.engine.Engine.train_epoch, over
+transfer.finetune's step: per-stage parameter groups, per-iteration schedule, mixup/label-smoothing aware
+loss, skipped-image bookkeeping, the non-finite guard) against the plain loop of
 torchvision's references/classification/train.py (one parameter group, CrossEntropyLoss, zero_grad /
 backward / step). Rounds alternate between the two loops and the median is reported, which keeps a
 machine shared with other work from favouring either side.
@@ -17,14 +18,18 @@ import copy
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from distill.students.artifact import load_student
+from distill.core.config import Config
+from distill.core.distributed import DistInfo
+from distill.core.engine import RUN_DEFAULTS, Engine
 from distill.core.errors import UserError, run_cli
+from distill.students.artifact import load_student
 from distill.core.precision import AMP_DTYPES, autocast
 from distill.core.schedule import build_scheduler
 
@@ -57,8 +62,40 @@ def measure(run_steps, n_images: int, device) -> float:
     return n_images / (time.perf_counter() - t0)
 
 
+class InMemoryTask(ft.FinetuneTask):
+    """transfer.finetune's step over batches already in memory (the figure is the step, not the loader)."""
+
+    def __init__(self, model, optimizer, scheduler, batches, device, channels_last):
+        self.model, self.optimizer, self.scheduler, self.list = model, optimizer, scheduler, batches
+        self.device, self.channels_last, self.mixup, self.label_smoothing = device, channels_last, 0.0, 0.0
+        self.epochs, self.steps_per_epoch, self.global_batch = 1, len(batches), len(batches[0][1])
+
+    def batches(self, epoch, start):
+        return self.list[start:]
+
+    def train_mode(self, net):
+        net.train()
+
+
+def in_memory_engine(model, cfg, res, batches, device, amp_kind, channels_last, scratch) -> Engine:
+    optimizer = torch.optim.SGD(ft.param_groups(model, cfg, res, "finetune", cfg.optim.lr), lr=cfg.optim.lr,
+                                momentum=0.9, nesterov=True)
+    scheduler = build_scheduler(optimizer, "cosine", total_steps=10 ** 9, warmup_steps=0)
+    task = InMemoryTask(model, optimizer, scheduler, batches, device, channels_last)
+    run_cfg = Config.wrap(dict(RUN_DEFAULTS, out_dir=str(scratch), amp=amp_kind, channels_last=False,
+                               log_period=10 ** 9, checkpoint_minutes=0.0, progress=False))
+    return Engine(task, run_cfg, DistInfo(0, 1, 0, device), {}, restart=True)
+
+
 def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, rounds: int,
           num_classes: int, device: str, amp_kind: str, channels_last: bool, lr_mult=None) -> dict:
+    with tempfile.TemporaryDirectory() as scratch:
+        return _bench(backbone, image_size, batch_size, steps, warmup, rounds, num_classes, device, amp_kind,
+                      channels_last, lr_mult, Path(scratch))
+
+
+def _bench(backbone, image_size, batch_size, steps, warmup, rounds, num_classes, device, amp_kind, channels_last,
+           lr_mult, scratch) -> dict:
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                           "cpu" if device == "auto" else device)
     torch.manual_seed(0)
@@ -81,17 +118,15 @@ def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: i
     if channels_last:
         ours_model.to(memory_format=torch.channels_last)
         ref_model.to(memory_format=torch.channels_last)
-    ours_opt = torch.optim.SGD(ft.param_groups(ours_model, cfg, res, "finetune"), lr=cfg.optim.lr,
-                               momentum=0.9, nesterov=True)
-    ours_sched = build_scheduler(ours_opt, "cosine", total_steps=10 ** 9, warmup_steps=0)
+    engine = in_memory_engine(ours_model, cfg, res, [(x, y, []) for x, y in batches], device, amp_kind,
+                              channels_last, scratch)
+    ours_opt = engine.task.optimizer
     ref_opt = torch.optim.SGD(ref_model.parameters(), lr=cfg.optim.lr, momentum=0.9, weight_decay=res.weight_decay)
     criterion = nn.CrossEntropyLoss()
-    ours_batches = [(x, y, []) for x, y in batches]
 
     def ours():
-        ours_model.train()
-        ft.train_one_epoch(ours_model, ours_batches, ours_opt, ours_sched, device=device, amp=amp, scaler=None,
-                           label_smoothing=0.0, mixup=0.0, channels_last=channels_last, progress=lambda b: b)
+        engine.state.batch = 0
+        engine.train_epoch(0)
 
     def reference():
         reference_train_steps(ref_model, batches, ref_opt, criterion, device, amp)

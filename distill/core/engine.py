@@ -191,7 +191,7 @@ class Engine:
         task, s = self.task, self.state
         for epoch in range(s.epoch, task.epochs):
             if s.batch < task.steps_per_epoch:
-                self._train_epoch(epoch)
+                self.train_epoch(epoch)
             s.epoch, s.batch = epoch + 1, 0
             if task.eval_every_epochs and (epoch + 1) % task.eval_every_epochs == 0 or epoch + 1 == task.epochs:
                 self.evaluate()
@@ -211,7 +211,8 @@ class Engine:
         self.task.train_mode(self.net)
         return row
 
-    def _train_epoch(self, epoch: int) -> None:
+    def train_epoch(self, epoch: int) -> None:
+        """One epoch's steps from the current position (benchmarks call it alone: no eval, no epoch-end save)."""
         task, s, cfg, dist = self.task, self.state, self.cfg, self.dist
         task.train_mode(self.net)
         desc = f"epoch {epoch + 1}/{task.epochs}" if task.epochs > 1 else "train"

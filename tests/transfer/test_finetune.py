@@ -17,9 +17,9 @@ from distill.core.errors import UserError
 
 def run(tmp_path, data, *extra, name="run", backbone=None):
     backbone = backbone or str(make_artifact(tmp_path / "student.safetensors"))
-    argv = ["--dataset", f"folder:{data}", "--backbone", backbone, "--out", str(tmp_path / name),
+    argv = ["--dataset", f"folder:{data}", "--backbone", backbone, "--out-dir", str(tmp_path / name),
             "--epochs", "2", "--batch-size", "8", "--workers", "0", "--no-progress", "--lr", "0.05",
-            "-o", "train.eval_every=0", *extra]
+            "-o", "eval.every_epochs=0", "-o", "optim.base_batch=8", *extra]
     return ft.main(argv), tmp_path / name
 
 
@@ -53,7 +53,7 @@ def test_matched_decay_and_recommended_multipliers_are_the_defaults(tmp_path):
     # an artifact without pretrain.weight_decay (a plain timm model) falls back to the documented default
     _, plain = load_student("timm:test_resnet", num_classes=4)
     res = ft.resolve_defaults(cfg_for(), plain)
-    assert res.weight_decay == 1e-4 and "default_weight_decay" in res.sources["weight_decay"]
+    assert res.weight_decay == 1e-4 and "default" in res.sources["weight_decay"]
     assert res.lr_mult == [1.0] * 5
 
 
@@ -77,28 +77,33 @@ def test_multipliers_and_matched_decay_take_effect_in_optimizer_and_weights(tmp_
 
 
 def test_resume_after_interrupt_matches_uninterrupted(tmp_path, demo_root, monkeypatch):
-    switches = ["--mixup", "0.4", "--label-smoothing", "0.1"]  # mixup draws from the per-epoch RNG
+    switches = ["--mixup", "0.4", "--label-smoothing", "0.1", "--workers", "1",  # mixup draws from the torch RNG
+                "-o", "run.checkpoint_period=2"]
     student = str(make_artifact(tmp_path / "student.safetensors"))
     full, full_out = run(tmp_path, demo_root, *switches, name="full", backbone=student)
 
-    real_save, calls = ft.save_checkpoint, []
+    import distill.core.engine as engine
+    real_save, calls = engine.save_checkpoint, []
 
     def save_then_die(path, state):
         real_save(path, state)
-        calls.append(state["epoch"])
-        if len(calls) == 1:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-    monkeypatch.setattr(ft, "save_checkpoint", save_then_die)
+        calls.append(state["engine"]["iteration"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed mid-epoch, right after the second checkpoint
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
         run(tmp_path, demo_root, *switches, name="cut", backbone=student)
-    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    state = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["engine"]
+    assert state["epoch"] == 0 and state["batch"] == 4, "the interruption must land mid-epoch"
     resumed, cut_out = run(tmp_path, demo_root, *switches, name="cut", backbone=student)
     a, b = load_file(str(full_out / "model.safetensors")), load_file(str(cut_out / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["finetune"] == full["finetune"]
-    # another config in the same folder is refused, not silently mixed
-    with pytest.raises(UserError, match="another config"):
-        run(tmp_path, demo_root, *switches, "--lr", "0.1", name="cut", backbone=student)
+    # another config in the same folder is refused, naming the key; the learning rate may change on resume
+    with pytest.raises(UserError, match=r"another config \(loss.label_smoothing: 0.1 -> 0.2"):
+        run(tmp_path, demo_root, *switches[:2], "--label-smoothing", "0.2", *switches[4:], name="cut",
+            backbone=student)
 
 
 @pytest.mark.parametrize("bn_stats", [False, True])
@@ -138,6 +143,6 @@ def test_bad_input_is_one_clear_error(tmp_path, demo_root, capsys):
         ft.build_config(ft.parse_args(["--backbone", "timm:test_resnet"]))
     with pytest.raises(SystemExit) as e:
         ft.run_cli(ft.main, ["--dataset", "flowers102", "--backbone", "timm:test_resnet",
-                             "--data-root", str(tmp_path), "--out", str(tmp_path / "x")])
+                             "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "x")])
     assert e.value.code == 2
     assert "flowers-102" in capsys.readouterr().err
