@@ -173,7 +173,7 @@ def _config_metadata(folder: Path) -> dict:
 
 
 def hf_snapshot(repo: str) -> Path:
-    """The local folder of hub repo `ORG/NAME[@REVISION]` (config.json + model.safetensors; cached by huggingface_hub)."""
+    """Local folder of hub repo `ORG/NAME[@REVISION]`: config.json + model.safetensors, cached by huggingface_hub."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

@@ -28,9 +28,9 @@ CHUNK = 1 << 16
 TIMEOUT_S = 30
 
 # Where a number comes from, so the metadata can say so.
-SEED_TABLES = "SSLD recipe tables (5M-image distillation + ImageNet-1k finetune), l2_decay column"
 MODEL_LIST = "PaddleClas ImageNet model list (top-1 of this file)"
 SSLD_LIST = "PaddleClas SSLD pretrained-model list"
+LCNET_PAGE = "PaddleClas PP-LCNet page"
 
 
 class DownloadError(UserError):
@@ -46,6 +46,8 @@ class PublishedStudent:
     path: str                     # under the base URL
     top1: float                   # ImageNet-1k val top-1 (%) PaddleClas reports for this file
     weight_decay: float | None = None
+    decay_source: str = "SSLD recipe tables (5M-image distillation + ImageNet-1k finetune), l2_decay column"
+    loss: str | None = "JS divergence to the teacher's soft labels (SSLD)"
     epochs: int | None = None     # distillation + finetune epochs, total
     epochs_detail: str | None = None
     teacher: str | None = None
@@ -63,7 +65,10 @@ class PublishedStudent:
 _RX_TEACHER = "ResNeXt101_32x16d_wsl"   # seed 3.1: the teacher of the ResNet students
 _R50_TEACHER = "ResNet50_vd_ssld"       # seed 3.1: the teacher of the MobileNet students
 _NO_DECAY = "no source gives the l2 decay of these SSLD weights; consumers fall back to their default"
-_HGNET_PREP = dict(crop_pct=round(224 / 236, 4), interpolation="bicubic")  # PPHGNetV2 eval: resize 236, crop 224
+_HGNET_PREP = dict(crop_pct=0.965, interpolation="bicubic")  # PPHGNetV2 eval: resize 232, crop 224, bicubic
+_HGNET_NOTE = ("eval preprocessing: resize 232 / crop 224 bicubic as PaddleClas's PPHGNetV2_B0 recipe and timm's "
+               "port; the B4 stage-2 recipe resizes to 236")
+_DML = "DML (symmetric KL) to the teacher's soft labels"
 
 PUBLISHED = {p.name: p for p in [
     PublishedStudent(
@@ -124,16 +129,25 @@ PUBLISHED = {p.name: p for p in [
         top1_sources={MODEL_LIST: 55.55, SSLD_LIST: 55.60}, notes=(_NO_DECAY,)),
     *[PublishedStudent(
         f"pplcnet_x{w}_ssld", f"PPLCNet_x{w}", f"dygraph/legendary_models/PPLCNet_x{w}_ssld_pretrained.pdparams",
-        top1, top1_sources={SSLD_LIST: top1},
+        top1, top1_sources={SSLD_LIST: top1, **({LCNET_PAGE: top1} if w == "0_5" else {})}, loss=None,
         notes=(_NO_DECAY + " (PaddleClas's supervised PPLCNet_x1_0 recipe uses L2 3e-5)",))
-      for w, top1 in (("0_25", 53.43), ("0_5", 66.10), ("1_0", 74.39), ("2_5", 80.82))],
+      for w, top1 in (("0_25", 53.43), ("0_5", 66.10))],
+    *[PublishedStudent(
+        f"pplcnet_x{w}_ssld", f"PPLCNet_x{w}", f"dygraph/legendary_models/PPLCNet_x{w}_ssld_pretrained.pdparams",
+        top1, weight_decay=decay, decay_source=f"PaddleClas Distillation/PPLCNet_x{w}_ssld recipe (Momentum + L2)",
+        epochs=epochs, epochs_detail="ImageNet-1k distillation", teacher=_R50_TEACHER, loss=_DML,
+        top1_sources={SSLD_LIST: top1, LCNET_PAGE: top1},
+        notes=("decay and epochs are from the SSLD recipe PaddleClas ships for this student; its tables do not "
+               "say that recipe produced this file",))
+      for w, top1, decay, epochs in (("1_0", 74.39, 1e-5, 200), ("2_5", 80.82, 4e-5, 100))],
     *[PublishedStudent(
         f"hgnetv2_b{b}_ssld", f"PPHGNetV2_B{b}", f"dygraph/legendary_models/PPHGNetV2_B{b}_ssld_pretrained.pdparams",
         top1, top1_sources={"PaddleClas PP-HGNetV2 page (stage-2 weights)": top1}, preprocessing=_HGNET_PREP,
         weight_decay=2e-5 if b == 4 else None, epochs=60 if b == 4 else None,
+        decay_source="PaddleClas PPHGNetV2_B4_ssld_stage2 recipe (Momentum + L2)",
         epochs_detail="stage-2 ImageNet-1k distillation finetune (PPHGNetV2_B4_ssld_stage2 recipe)" if b == 4 else None,
-        teacher="PPHGNet_small_ssld" if b == 4 else None,
-        notes=() if b == 4 else (_NO_DECAY + " (the B4 stage-2 recipe uses L2 2e-5)",))
+        teacher="PPHGNet_small_ssld" if b == 4 else None, loss="CE to the teacher's soft labels (stage 2)",
+        notes=(_HGNET_NOTE,) if b == 4 else (_NO_DECAY + " (the B4 stage-2 recipe uses L2 2e-5)", _HGNET_NOTE))
       for b, top1 in ((0, 77.77), (1, 79.18), (2, 81.74), (3, 82.98), (4, 83.57), (5, 84.75), (6, 86.30))],
 ]}
 
@@ -246,14 +260,13 @@ def fetch(url: str, dest, expected_size: int | None = None, sha256: str | None =
 
 def published_pretrain(entry: PublishedStudent, url: str | None = None) -> dict:
     """The `pretrain` section a converted published file carries (decay, epochs, top-1, where each came from)."""
-    decay_source = SEED_TABLES if entry.weight_decay is not None and not entry.name.startswith("hgnetv2") else (
-        "PaddleClas PPHGNetV2_B4_ssld_stage2 recipe (Momentum + L2)" if entry.weight_decay is not None else None)
     return dict(
         source="PaddleClas", paddle_arch=entry.paddle_name, url=url or (DEFAULT_BASE_URL + entry.path),
         optimizer="momentum", weight_decay=entry.weight_decay,
         weight_decay_kind="coupled" if entry.weight_decay is not None else None,
-        weight_decay_source=decay_source, epochs=entry.epochs, epochs_detail=entry.epochs_detail,
-        teacher=entry.teacher, loss="SSLD (JS divergence to the teacher's soft labels)", top1=entry.top1,
+        weight_decay_source=entry.decay_source if entry.weight_decay is not None else None,
+        epochs=entry.epochs, epochs_detail=entry.epochs_detail,
+        teacher=entry.teacher, loss=entry.loss, top1=entry.top1,
         top1_sources=dict(entry.top1_sources), notes=list(entry.notes))
 
 
