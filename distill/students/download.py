@@ -8,7 +8,6 @@ and resumed with an HTTP Range request. `SSLD_PADDLE_BASE_URL` points the downlo
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import socket
@@ -20,6 +19,7 @@ from pathlib import Path
 from distill.core.errors import UserError
 from distill.core.progress import Progress
 from distill.students.artifact import save_student, ssld_home
+from distill.students.convert import PADDLE_ARCHS, _sha256, convert_pdparams
 from distill.students.pdparams import PdparamsError
 
 DEFAULT_BASE_URL = "https://paddle-imagenet-models-name.bj.bcebos.com/"
@@ -31,6 +31,8 @@ TIMEOUT_S = 30
 MODEL_LIST = "PaddleClas ImageNet model list (top-1 of this file)"
 SSLD_LIST = "PaddleClas SSLD pretrained-model list"
 LCNET_PAGE = "PaddleClas PP-LCNet page"
+FT_TABLE = "SSLD recipe, ImageNet-1k finetune table"
+_FT30 = "360 distillation + 30 ImageNet-1k finetune"
 
 
 class DownloadError(UserError):
@@ -78,7 +80,7 @@ PUBLISHED = {p.name: p for p in [
         "r50_vd_ssld", "ResNet50_vd", "dygraph/legendary_models/ResNet50_vd_ssld_pretrained.pdparams", 83.00,
         weight_decay=7e-5, epochs=420, epochs_detail="360 distillation + 60 ImageNet-1k finetune",
         teacher=_RX_TEACHER,
-        top1_sources={MODEL_LIST: 83.00, "SSLD recipe, ImageNet-1k finetune table": 82.39,
+        top1_sources={MODEL_LIST: 83.00, FT_TABLE: 82.39,
                       "SSLD recipe, AutoAugment run (text)": 82.99},
         notes=("the published file's 83.0% matches the recipe's AutoAugment run, whose text says l2 decay was "
                "lowered from 4e-5 to 2e-5, while both recipe tables give 7e-5 for ResNet50_vd; 7e-5 is recorded "
@@ -86,8 +88,8 @@ PUBLISHED = {p.name: p for p in [
                "an older address, dygraph/ResNet50_vd_ssld_pretrained.pdparams, held the 82.4% weights")),
     PublishedStudent(
         "r101_vd_ssld", "ResNet101_vd", "dygraph/legendary_models/ResNet101_vd_ssld_pretrained.pdparams", 83.73,
-        weight_decay=7e-5, epochs=390, epochs_detail="360 distillation + 30 ImageNet-1k finetune",
-        teacher=_RX_TEACHER, top1_sources={MODEL_LIST: 83.73, "SSLD recipe, ImageNet-1k finetune table": 83.73}),
+        weight_decay=7e-5, epochs=390, epochs_detail=_FT30,
+        teacher=_RX_TEACHER, top1_sources={MODEL_LIST: 83.73, FT_TABLE: 83.73}),
     PublishedStudent(
         "res2net50_vd_26w_4s_ssld", "Res2Net50_vd_26w_4s", "dygraph/Res2Net50_vd_26w_4s_ssld_pretrained.pdparams",
         83.10, teacher=_RX_TEACHER, top1_sources={MODEL_LIST: 83.10}, notes=(_NO_DECAY,)),
@@ -99,29 +101,29 @@ PUBLISHED = {p.name: p for p in [
         "res2net200_vd_26w_4s_ssld", "Res2Net200_vd_26w_4s",
         "dygraph/Res2Net200_vd_26w_4s_ssld_pretrained.pdparams", 85.13, weight_decay=4e-5, epochs=720,
         epochs_detail="360 distillation + 360 ImageNet-1k finetune (as the recipe table says)", teacher=_RX_TEACHER,
-        top1_sources={MODEL_LIST: 85.13, "SSLD recipe, ImageNet-1k finetune table": 85.13, SSLD_LIST: 85.10}),
+        top1_sources={MODEL_LIST: 85.13, FT_TABLE: 85.13, SSLD_LIST: 85.10}),
     PublishedStudent(
         "mv1_ssld", "MobileNetV1", "dygraph/legendary_models/MobileNetV1_ssld_pretrained.pdparams", 77.89,
-        weight_decay=3e-5, epochs=390, epochs_detail="360 distillation + 30 ImageNet-1k finetune",
+        weight_decay=3e-5, epochs=390, epochs_detail=_FT30,
         teacher=_R50_TEACHER,
-        top1_sources={MODEL_LIST: 77.89, "SSLD recipe, ImageNet-1k finetune table": 77.89, SSLD_LIST: 77.90}),
+        top1_sources={MODEL_LIST: 77.89, FT_TABLE: 77.89, SSLD_LIST: 77.90}),
     PublishedStudent(
         "mv2_ssld", "MobileNetV2", "dygraph/MobileNetV2_ssld_pretrained.pdparams", 76.74,
-        weight_decay=1e-5, epochs=390, epochs_detail="360 distillation + 30 ImageNet-1k finetune",
+        weight_decay=1e-5, epochs=390, epochs_detail=_FT30,
         teacher=_R50_TEACHER,
-        top1_sources={MODEL_LIST: 76.74, "SSLD recipe, ImageNet-1k finetune table": 76.73, SSLD_LIST: 76.74}),
+        top1_sources={MODEL_LIST: 76.74, FT_TABLE: 76.73, SSLD_LIST: 76.74}),
     PublishedStudent(
         "mv3_large_ssld", "MobileNetV3_large_x1_0",
         "dygraph/legendary_models/MobileNetV3_large_x1_0_ssld_pretrained.pdparams", 78.96,
-        weight_decay=1e-5, epochs=390, epochs_detail="360 distillation + 30 ImageNet-1k finetune",
+        weight_decay=1e-5, epochs=390, epochs_detail=_FT30,
         teacher=_R50_TEACHER,
-        top1_sources={MODEL_LIST: 78.96, "SSLD recipe, ImageNet-1k finetune table": 78.96, SSLD_LIST: 79.00}),
+        top1_sources={MODEL_LIST: 78.96, FT_TABLE: 78.96, SSLD_LIST: 79.00}),
     PublishedStudent(
         "mv3_small_ssld", "MobileNetV3_small_x1_0",
         "dygraph/legendary_models/MobileNetV3_small_x1_0_ssld_pretrained.pdparams", 71.29,
-        weight_decay=1e-5, epochs=390, epochs_detail="360 distillation + 30 ImageNet-1k finetune",
+        weight_decay=1e-5, epochs=390, epochs_detail=_FT30,
         teacher=_R50_TEACHER,
-        top1_sources={MODEL_LIST: 71.29, "SSLD recipe, ImageNet-1k finetune table": 71.28, SSLD_LIST: 71.30},
+        top1_sources={MODEL_LIST: 71.29, FT_TABLE: 71.28, SSLD_LIST: 71.30},
         notes=("the model list gives 71.29%, the recipe table 71.28%",)),
     PublishedStudent(
         "mv3_small_x0_35_ssld", "MobileNetV3_small_x0_35",
@@ -178,8 +180,6 @@ def published_for_file(path) -> PublishedStudent | None:
 
 
 def convertible(entry: PublishedStudent) -> bool:
-    from distill.students.convert import PADDLE_ARCHS  # convert imports the whole model stack: keep it lazy
-
     return any(entry.paddle_name in (a.name, a.paddle_name) for a in PADDLE_ARCHS.values())
 
 
@@ -189,14 +189,6 @@ def convert_command(entry: PublishedStudent) -> str:
 
 def _offline_hint(entry: PublishedStudent, url: str) -> str:
     return f"fetch {url} by hand, then run: {convert_command(entry)}"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _total_size(response, offset: int) -> int | None:
@@ -272,8 +264,6 @@ def published_pretrain(entry: PublishedStudent, url: str | None = None) -> dict:
 
 def convert_published(pdparams, entry: PublishedStudent, url: str | None = None):
     """convert_pdparams + the table's metadata for this file."""
-    from distill.students.convert import convert_pdparams
-
     model, meta = convert_pdparams(pdparams, entry.paddle_name)
     meta["name"] = entry.name
     meta["pretrain"] = {**meta["pretrain"], **published_pretrain(entry, url)}
