@@ -5,11 +5,14 @@ Values here are detectron2's COCO defaults at the SSLD paper's 640 px; recipes s
 from __future__ import annotations
 
 from distill.core.config import ConfigError, load_config
+from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, check_ranges
+from distill.core.precision import check_amp
 from distill.students.stages import parse_multipliers
 
 from .model import ARCHS
 
 DEFAULTS = {
+    "run": dict(RUN_DEFAULTS, out_dir="runs/detection", workers=2, log_period=20, checkpoint_period=5000),
     "model": {
         "arch": "faster",                 # faster | cascade
         "backbone": "r50_vd_ssld",        # student artifact (name or path), or timm:ARCH
@@ -41,42 +44,47 @@ DEFAULTS = {
         "val_json": None,
         "val_images": None,
         "hflip": 0.5,
-        "workers": 2,
+        "batch_size": 16,                 # global: split evenly over the torchrun processes
+        "eval_batch_size": 2,             # global likewise (at least one image per process)
     },
     "optim": {
-        "batch_size": 16,                 # global: summed over all processes
-        "lr": 0.02,                       # at base_batch, scaled linearly to batch_size
+        "lr": 0.02,                       # at base_batch, scaled linearly to data.batch_size
         "base_batch": 16,
         "momentum": 0.9,
-        "weight_decay": None,             # null: the artifact's pretrain.weight_decay (matched l2), else 1e-4
+        "weight_decay": None,             # null: matched to the artifact's pretraining L2, else 1e-4
+    },
+    "schedule": {
         "iterations": 90000,              # 1x; 3x is 270000
         "steps": [60000, 80000],
         "gamma": 0.1,
         "warmup_iters": 1000,
         "warmup_factor": 0.001,
-        "amp": False,                     # CUDA float16 with loss scaling; CPU bfloat16
     },
-    "train": {
-        "out_dir": "runs/detection",
-        "seed": 0,
-        "device": "auto",
-        "log_period": 20,
-        "eval_period": 0,                 # iterations between evaluations; 0: at the end only
-        "checkpoint_period": 5000,
-        "eval_batch_size": 2,             # per process
-    },
+}
+RANGES = {
+    "data": {"hflip": (0.0, 1.0), "batch_size": (1, None), "eval_batch_size": (1, None)},
+    "optim": {"lr": (0.0, None), "base_batch": (1, None), "momentum": (0.0, 1.0), "weight_decay": (0.0, None)},
+    "schedule": {"iterations": (1, None), "steps": (0, None), "gamma": (0.0, None), "warmup_iters": (0, None),
+                 "warmup_factor": (0.0, 1.0)},
+    "model": {"fpn_channels": (1, None), "box_head_dim": (1, None), "test_size": (32, None), "max_size": (32, None),
+              "rpn_batch_per_image": (1, None), "roi_batch_per_image": (1, None), "score_thresh": (0.0, 1.0),
+              "nms_thresh": (0.0, 1.0), "detections_per_image": (1, None)},
 }
 
 
-def load_detection_config(path=None, overrides=()) -> dict:
-    """Defaults <- YAML recipe <- overrides, validated; returns a plain dict with checked values."""
-    cfg = load_config(path, overrides, defaults=DEFAULTS).to_dict()
+def load_detection_config(path=None, overrides=(), flags=None) -> dict:
+    """Defaults <- YAML recipe <- overrides <- flags, validated; returns a plain dict with checked values."""
+    cfg = load_config(path, overrides, defaults=DEFAULTS, flags=flags).to_dict()
     check_config(cfg)
     return cfg
 
 
 def check_config(cfg: dict) -> None:
-    m, o = cfg["model"], cfg["optim"]
+    m, s = cfg["model"], cfg["schedule"]
+    check_ranges(cfg["run"], RUN_RANGES, "run.")
+    for section, ranges in RANGES.items():
+        check_ranges(cfg[section], ranges, f"{section}.")
+    cfg["run"]["amp"] = check_amp(cfg["run"]["amp"])
     if m["arch"] not in ARCHS:
         raise ConfigError(f"model.arch={m['arch']!r}; expected one of {', '.join(ARCHS)}")
     if m["multipliers"] is not None:
@@ -85,7 +93,5 @@ def check_config(cfg: dict) -> None:
         raise ConfigError(f"model.train_sizes={m['train_sizes']!r}; expected a list of sizes >= 32 px")
     if len(m["cascade_ious"]) != len(m["cascade_weights"]) or any(len(w) != 4 for w in m["cascade_weights"]):
         raise ConfigError("model.cascade_weights needs one [wx, wy, ww, wh] per entry of model.cascade_ious")
-    if o["iterations"] < 1 or o["batch_size"] < 1:
-        raise ConfigError(f"optim.iterations={o['iterations']} and optim.batch_size={o['batch_size']} must be >= 1")
-    if sorted(o["steps"]) != list(o["steps"]):
-        raise ConfigError(f"optim.steps={o['steps']} must be increasing iteration numbers")
+    if sorted(s["steps"]) != list(s["steps"]):
+        raise ConfigError(f"schedule.steps={s['steps']} must be increasing iteration numbers")

@@ -144,7 +144,10 @@ class Engine:
         apply_current_schedule(task.optimizer, task.scheduler, fresh_lrs)
         restore_rng(ranks[self.dist.rank])
         saved = ckpt["engine"]
-        self.state = TrainState(saved["epoch"], saved["batch"], saved["iteration"], list(saved["results"]),
+        # The position follows from the iteration (one per batch), so a changed epoch/iteration count resumes
+        # right: a finished 2-iteration detection run asked for 4 continues at iteration 2 of its one epoch.
+        epoch, batch = divmod(saved["iteration"], task.steps_per_epoch)
+        self.state = TrainState(epoch, batch, saved["iteration"], list(saved["results"]),
                                 saved["skipped"][self.dist.rank] if isinstance(saved["skipped"], list) else 0)
         task.load_extra_state(ckpt.get("extra", {}))
         changed = ckpt.get("changed", {})
@@ -246,6 +249,8 @@ class Engine:
             by_iters = cfg.checkpoint_period and s.iteration % cfg.checkpoint_period == 0
             if (by_iters or due_by_time) and not last:
                 self.save()
+            if last:
+                break  # an endless sampler (detection) ends here too
         bar.close()
 
     def _count_skipped(self, skipped, bar) -> None:

@@ -17,17 +17,17 @@ ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = str(ROOT / "configs" / "detection" / "demo.yaml")
 TINY = ["model.fpn_channels=32", "model.box_head_dim=128", "model.train_sizes=[64]", "model.test_size=64",
         "model.max_size=64", "model.roi_batch_per_image=64", "model.rpn_post_nms_train=100",
-        "model.rpn_post_nms_test=100", "data.workers=0", "optim.batch_size=4", "optim.warmup_iters=2",
-        "train.log_period=1", "train.eval_batch_size=8"]
+        "model.rpn_post_nms_test=100", "run.workers=0", "data.batch_size=4", "schedule.warmup_iters=2",
+        "run.log_period=1", "data.eval_batch_size=8"]
 
 
-def train(out, train_json, val_json, root, *extra, resume=False):
+def train(out, train_json, val_json, root, *extra, restart=False):
     args = ["-c", DEMO_CONFIG, "--out-dir", str(out),
             "-o", f"data.train_json={train_json}", "-o", f"data.train_images={root}",
             "-o", f"data.val_json={val_json}", "-o", f"data.val_images={root}"]
     for o in TINY + list(extra):
         args += ["-o", o]
-    return det_train.main(args + (["--resume"] if resume else []))
+    return det_train.main(args + (["--restart"] if restart else []))
 
 
 def subset(demo_root, tmp_path, n, name, every=12, corrupt=False):
@@ -48,8 +48,8 @@ def test_train_evaluate_predict_as_a_user_runs_them(tmp_path, demo_root, capsys)
     train_json = subset(demo_root, tmp_path, 7, "train.json", every=6, corrupt=True)
     val_json = demo_root / "annotations" / "instances_val.json"
     out = tmp_path / "run"
-    metrics = train(out, train_json, val_json, demo_root, "optim.iterations=6", "optim.steps=[5]",
-                    "train.eval_period=3", "train.checkpoint_period=3")
+    metrics = train(out, train_json, val_json, demo_root, "schedule.iterations=6", "schedule.steps=[5]",
+                    "run.eval_period=3", "run.checkpoint_period=3")
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["corrupt_train_images_skipped"] == 3          # 8 images, 4 per batch, 3 epochs: once each
     assert summary["images"] == 24 and summary["AP"] == metrics["AP"]
@@ -75,31 +75,32 @@ def test_train_evaluate_predict_as_a_user_runs_them(tmp_path, demo_root, capsys)
     with pytest.raises(UserError, match="image not found"):
         det_predict.main(["--checkpoint", str(out / "model_final.pt"), str(tmp_path / "nope.jpg")])
 
-    with pytest.raises(UserError, match="already holds a run"):
-        train(out, train_json, val_json, demo_root, "optim.iterations=6")
+    with pytest.raises(UserError, match=r"another config \(model.fpn_channels: 32 -> 16"):
+        train(out, train_json, val_json, demo_root, "schedule.iterations=6", "schedule.steps=[5]",
+              "run.eval_period=3", "run.checkpoint_period=3", "model.fpn_channels=16")
 
 
 def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, demo_root):
     train_json = subset(demo_root, tmp_path, 6, "train.json", every=8)
-    common = ("model.arch=cascade", "optim.steps=[3]", "train.checkpoint_period=2", "data.workers=1")
-    train(tmp_path / "full", train_json, train_json, demo_root, "optim.iterations=4", *common)
-    train(tmp_path / "cut", train_json, train_json, demo_root, "optim.iterations=2", *common)   # stops at 2
-    train(tmp_path / "cut", train_json, train_json, demo_root, "optim.iterations=4", *common, resume=True)
+    common = ("model.arch=cascade", "schedule.steps=[3]", "run.checkpoint_period=2", "run.workers=1")
+    train(tmp_path / "full", train_json, train_json, demo_root, "schedule.iterations=4", *common)
+    train(tmp_path / "cut", train_json, train_json, demo_root, "schedule.iterations=2", *common)   # stops at 2
+    train(tmp_path / "cut", train_json, train_json, demo_root, "schedule.iterations=4", *common)  # the same command with more iterations continues
     full = load_checkpoint(tmp_path / "full" / "model_final.pt")["model"]
     resumed = load_checkpoint(tmp_path / "cut" / "model_final.pt")["model"]
     assert full.keys() == resumed.keys()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
     start = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
-    assert start["iteration"] == 4 and "optimizer" in start
+    assert start["engine"]["iteration"] == 4 and "optimizer" in start
 
 
 @pytest.mark.parametrize("arch", ["faster", "cascade"])
 def test_overfit_two_images_reaches_ap50_above_0_9(tmp_path, demo_root, arch):
     few = subset(demo_root, tmp_path, 2, "few.json")
-    metrics = train(tmp_path / arch, few, few, demo_root, f"model.arch={arch}", "optim.batch_size=2",
-                    "optim.iterations=80", "optim.steps=[80]", "optim.warmup_iters=10", "data.hflip=0.0",
-                    "train.log_period=20", "train.checkpoint_period=0")
+    metrics = train(tmp_path / arch, few, few, demo_root, f"model.arch={arch}", "data.batch_size=2",
+                    "schedule.iterations=80", "schedule.steps=[80]", "schedule.warmup_iters=10", "data.hflip=0.0",
+                    "run.log_period=20", "run.checkpoint_period=0")
     assert metrics["AP50"] >= 90.0, metrics
 
 
@@ -117,8 +118,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, demo_root):
 
 def test_amp_trains_on_cpu_in_bfloat16(tmp_path, demo_root):
     few = subset(demo_root, tmp_path, 2, "few.json")
-    train(tmp_path / "amp", few, few, demo_root, "optim.amp=true", "optim.batch_size=2", "optim.iterations=2",
-          "train.checkpoint_period=0")
+    train(tmp_path / "amp", few, few, demo_root, "run.amp=bf16", "data.batch_size=2", "schedule.iterations=2",
+          "run.checkpoint_period=0")
     rows = (tmp_path / "amp" / "metrics.csv").read_text().splitlines()
     loss = [float(r.split(",")[1]) for r in rows[1:] if r.split(",")[1]]
     assert rows[0].split(",")[1] == "loss" and loss and all(0 < v < 100 for v in loss)
@@ -134,13 +135,13 @@ def test_torchrun_ddp_trains_and_its_sharded_eval_equals_a_single_process_eval(t
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "detection.train", "-c", DEMO_CONFIG, "--out-dir", str(tmp_path / "ddp"),
             "-o", f"data.train_json={train_json}", "-o", f"data.train_images={demo_root}",
-            "-o", f"data.val_json={val_json}", "-o", f"data.val_images={demo_root}", "-o", "optim.iterations=2"]
-    for o in TINY + ["train.eval_batch_size=1"]:   # batch 1 on both sides: per-image numerics match exactly
+            "-o", f"data.val_json={val_json}", "-o", f"data.val_images={demo_root}", "-o", "schedule.iterations=2"]
+    for o in TINY + ["data.eval_batch_size=2"]:   # global 2 = 1 per rank: batch 1 on both sides: per-image numerics match exactly
         args += ["-o", o]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(args, env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "batch 4 on 2 x cpu" in done.stdout
+    assert "batch 4 on 2 x cpu" in done.stderr
     ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # as the workers ran: the same float summation order
@@ -161,7 +162,7 @@ def test_every_recipe_validates_and_3x_inherits_1x():
         for bb, student in (("r50_vd", "r50_vd_ssld"), ("mv3", "mv3_large_ssld")):
             one, three = recipes[f"{arch}_{bb}_640"], recipes[f"{arch}_{bb}_640_3x"]
             assert (one["model"]["arch"], one["model"]["backbone"], one["model"]["test_size"]) == (arch, student, 640)
-            assert (one["optim"]["lr"], one["optim"]["batch_size"], one["optim"]["iterations"]) == (0.02, 16, 90000)
-            assert three["optim"]["iterations"] == 270000 and three["model"]["arch"] == arch
+            assert (one["optim"]["lr"], one["data"]["batch_size"], one["schedule"]["iterations"]) == (0.02, 16, 90000)
+            assert three["schedule"]["iterations"] == 270000 and three["model"]["arch"] == arch
             assert len(three["model"]["train_sizes"]) > 1       # multi-scale training for 3x
     assert recipes["demo"]["model"]["backbone"].startswith("timm:")
