@@ -116,8 +116,11 @@ def _how_to_get(name: str) -> str:
 
 def resolve_student(name) -> Path:
     """The artifact file for a path (`./r50_vd_ssld`, `x.safetensors`), a name in the current folder or
-    $SSLD_HOME (default ~/.cache/ssld), or `local-dir:FOLDER` (an exported timm folder's model.safetensors)."""
+    $SSLD_HOME (default ~/.cache/ssld), or the model.safetensors of a timm model folder (`local-dir:FOLDER`,
+    `hf-hub:ORG/NAME`, as python -m distill.export writes them)."""
     text = str(name)
+    if text.startswith(HF_HUB):
+        return _folder_weights(hf_snapshot(text[len(HF_HUB):]), text)
     if text.startswith(LOCAL_DIR):
         folder = Path(text[len(LOCAL_DIR):]).expanduser()
         if not folder.is_dir():
@@ -221,8 +224,6 @@ def load_student(name_or_path, num_classes: int | None = None, pretrained: bool 
         meta = build_meta(entry.name, n, model=model, preprocessing=prep,
                           pretrain=dict(source="timm pretrained" if pretrained else "random init"))
         return model, meta
-    if str(name_or_path).startswith(HF_HUB):
-        name_or_path = LOCAL_DIR + str(hf_snapshot(str(name_or_path)[len(HF_HUB):]))
     path = resolve_student(name_or_path)
     meta = read_meta(path)
     model = zoo.create_model(meta["arch"], num_classes=meta["num_classes"])

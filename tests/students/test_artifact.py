@@ -9,7 +9,9 @@ from safetensors.torch import save_file
 
 from distill.students import artifact
 from distill.students.artifact import (ArtifactError, build_meta, load_student, read_meta, resolve_student, save_student)
-from distill.students.zoo import create_model
+from distill.students.zoo import ZOO, create_model
+
+R18 = ZOO["r18_vd"].arch  # the timm architecture the r18_vd zoo row names
 
 
 def make_student(path, name="r18_vd", num_classes=10, seed=0, **sections):
@@ -38,7 +40,7 @@ def test_roundtrip_keeps_every_tensor_and_metadata(tmp_path):
     loaded, meta2 = load_student(path)
     assert_same_tensors(model.state_dict(), loaded.state_dict())
     assert meta2 == meta
-    assert meta2["arch"] == "resnet18d" and meta2["num_classes"] == 10
+    assert meta2["arch"] == R18 and meta2["num_classes"] == 10
     assert meta2["pretrain"]["weight_decay"] == 7e-5
     assert meta2["recommended"]["transfer"] == [0.1, 0.1, 0.2, 0.2, 0.3]
     assert meta2["recommended"]["detection"] == [0.05, 0.05, 0.1, 0.1, 0.15]
@@ -61,11 +63,11 @@ def test_new_class_count_reinitialises_only_the_classifier(tmp_path):
 def test_timm_loads_the_artifact_directly(tmp_path):
     path = tmp_path / "s.safetensors"
     model, _ = make_student(path, num_classes=1000)
-    direct = timm.create_model("resnet18d", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    direct = timm.create_model(R18, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     assert_same_tensors(model.state_dict(), direct.state_dict())
     # another class count: tell timm the file's count too, or it drops the classifier
     model, _ = make_student(path, num_classes=10)
-    direct = timm.create_model("resnet18d", pretrained=True, num_classes=10,
+    direct = timm.create_model(R18, pretrained=True, num_classes=10,
                                pretrained_cfg_overlay=dict(file=str(path), num_classes=10))
     assert_same_tensors(model.state_dict(), direct.state_dict())
 
@@ -74,7 +76,7 @@ def test_name_resolves_in_ssld_home_and_unknown_name_lists_known(tmp_path, ssld_
     make_student(ssld_home / "tiny_ssld.safetensors")
     assert resolve_student("tiny_ssld") == ssld_home / "tiny_ssld.safetensors"
     assert resolve_student("tiny_ssld.safetensors") == ssld_home / "tiny_ssld.safetensors"
-    assert read_meta("tiny_ssld")["arch"] == "resnet18d"
+    assert read_meta("tiny_ssld")["arch"] == R18
     with pytest.raises(ArtifactError) as e:
         resolve_student("r50_vd_ssld")
     msg = str(e.value)
@@ -89,7 +91,7 @@ def test_default_home_is_user_cache(monkeypatch):
 def test_mismatched_architecture_names_keys_and_shapes(tmp_path):
     path = tmp_path / "s.safetensors"
     other = create_model("r34_vd", num_classes=10)
-    meta = build_meta("r18_vd", 10)  # says resnet18d, holds resnet34d tensors
+    meta = build_meta("r18_vd", 10)  # says r18_vd, holds r34_vd tensors
     save_student(path, other, meta)
     with pytest.raises(ArtifactError) as e:
         load_student(path)
@@ -149,7 +151,7 @@ artifact.save_student({str(path)!r}, m, artifact.build_meta('r18_vd', 10, model=
     assert r.returncode == -signal.SIGKILL
     assert path.read_bytes() == before
     _, meta = load_student(path)
-    assert meta["arch"] == "resnet18d"
+    assert meta["arch"] == R18
 
 
 def test_timm_spec_builds_plain_model_with_plain_multipliers():
