@@ -80,7 +80,10 @@ PADDLE_ARCHS = {a.name: a for a in [
     PaddleArch("mv2", "MobileNetV2", "mobilenetv2_100_paddle", "mobilenetv2", classifier="out"),
     *_mv3_archs(),
     *_lcnet_archs(),
-    *(PaddleArch(f"hgnetv2_b{i}", f"PPHGNetV2_B{i}", f"hgnetv2_b{i}", "hgnetv2") for i in range(7)),
+    # B0..B3 differ from timm's hgnetv2_b* only in the stem pool's padding; their files load into either
+    *(PaddleArch(f"hgnetv2_b{i}", f"PPHGNetV2_B{i}",
+                 f"hgnetv2_b{i}_paddle" if f"b{i}" in paddle_models.HGNETV2_PADDLE else f"hgnetv2_b{i}", "hgnetv2")
+      for i in range(7)),
     PaddleArch("resnext101_32x16d_wsl", "ResNeXt101_32x16d_wsl", "resnext101_32x16d", "resnext_wsl",
                classifier="_out"),
 ]}

@@ -15,7 +15,7 @@ import torch.nn as nn
 from distill.students import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm architectures
 from distill.core.errors import UserError, run_cli
 
-# Default per-stage multipliers (DESIGN.md, PaddleClas): distilled students only; plain models use 1.0.
+# Default per-stage multipliers (PaddleClas): distilled students only; plain models use 1.0.
 RESNET_TRANSFER = (0.1, 0.1, 0.2, 0.2, 0.3)
 RESNET_DETECTION = (0.05, 0.05, 0.1, 0.1, 0.15)
 MOBILE = (0.25, 0.25, 0.5, 0.5, 0.75)
@@ -26,38 +26,56 @@ PLAIN = (1.0, 1.0, 1.0, 1.0, 1.0)
 class ZooEntry:
     name: str
     arch: str                      # timm model name
-    family: str                    # stage rule in distill.students.stages: resnet | mobilenetv3 | generic
+    family: str                    # stage rule in distill.students.stages (its LAYOUT_HELP keys)
     transfer_mult: tuple = PLAIN
     detection_mult: tuple = PLAIN
     paddle_name: str | None = None  # PaddleClas model name, where one exists
     kwargs: dict = field(default_factory=dict)  # extra timm.create_model kwargs
 
 
+def _resnet_like(name, arch, paddle_name):
+    return ZooEntry(name, arch, "resnet", RESNET_TRANSFER, RESNET_DETECTION, paddle_name)
+
+
+def _width(scale: float) -> str:  # PaddleClas width suffix: 0.35 -> x0_35, 1.0 -> x1_0
+    text = f"{scale:g}"
+    return "x" + (text if "." in text else text + ".0").replace(".", "_")
+
+
+# One row per model. Archs ending in _paddle are the PaddleClas-compatible variants of paddle_models.py;
+# the rest are timm's own. HGNetV2's multipliers follow the ResNet_vd lists by analogy (a server-class
+# distilled student); no PaddleClas table gives them.
 ZOO = {e.name: e for e in [
-    ZooEntry("r18_vd", "resnet18d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet18_vd"),
-    ZooEntry("r34_vd", "resnet34d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet34_vd"),
-    ZooEntry("r50_vd", "resnet50d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet50_vd"),
-    ZooEntry("r101_vd", "resnet101d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet101_vd"),
-    ZooEntry("r152_vd", "resnet152d", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet152_vd"),
-    # PaddleClas's ResNet200_vd is [3, 12, 48, 3]; timm's resnet200d is [3, 24, 36, 3] (see paddle_models.py)
-    ZooEntry("r200_vd", "resnet200d_paddle", "resnet", RESNET_TRANSFER, RESNET_DETECTION, "ResNet200_vd"),
-    ZooEntry("mv1", "mobilenetv1_100", "generic", MOBILE, MOBILE, "MobileNetV1"),
-    ZooEntry("mv2", "mobilenetv2_100", "generic", MOBILE, MOBILE, "MobileNetV2"),
-    ZooEntry("mv3_large", "mobilenetv3_large_100", "mobilenetv3", MOBILE, MOBILE, "MobileNetV3_large_x1_0"),
-    ZooEntry("mv3_small", "mobilenetv3_small_100", "mobilenetv3", MOBILE, MOBILE, "MobileNetV3_small_x1_0"),
+    _resnet_like("r18_vd", "resnet18d_paddle", "ResNet18_vd"),
+    _resnet_like("r34_vd", "resnet34d_paddle", "ResNet34_vd"),
+    _resnet_like("r50_vd", "resnet50d", "ResNet50_vd"),
+    _resnet_like("r101_vd", "resnet101d", "ResNet101_vd"),
+    _resnet_like("r152_vd", "resnet152d", "ResNet152_vd"),
+    _resnet_like("r200_vd", "resnet200d_paddle", "ResNet200_vd"),  # [3, 12, 48, 3], unlike timm's resnet200d
+    *(_resnet_like(f"res2net{d}_vd_26w_4s", f"res2net{d}_vd_26w_4s_paddle", f"Res2Net{d}_vd_26w_4s")
+      for d in paddle_models.RES2NET_DEPTHS),
+    ZooEntry("mv1", "mobilenetv1_100_paddle", "generic", MOBILE, MOBILE, "MobileNetV1"),
+    ZooEntry("mv2", "mobilenetv2_100_paddle", "generic", MOBILE, MOBILE, "MobileNetV2"),
+    *(ZooEntry(f"mv3_{size}" if scale == 1.0 else f"mv3_{size}_{_width(scale)}", f"mobilenetv3_{size}_{tag}_paddle",
+               "mobilenetv3", MOBILE, MOBILE, f"MobileNetV3_{size}_{_width(scale)}")
+      for size in ("large", "small") for tag, scale in paddle_models.MV3_WIDTHS.items()),
+    *(ZooEntry(f"pplcnet_{_width(scale)}", f"lcnet_{tag}_paddle", "lcnet", MOBILE, MOBILE, f"PPLCNet_{_width(scale)}")
+      for tag, scale in paddle_models.LCNET_WIDTHS.items()),
+    *(ZooEntry(f"hgnetv2_b{i}", f"hgnetv2_b{i}_paddle" if f"b{i}" in paddle_models.HGNETV2_PADDLE else f"hgnetv2_b{i}",
+               "hgnetv2", RESNET_TRANSFER, RESNET_DETECTION, f"PPHGNetV2_B{i}") for i in range(7)),
     ZooEntry("resnext101_32x16d_wsl", "resnext101_32x16d", "resnet", PLAIN, PLAIN, "ResNeXt101_32x16d_wsl"),
 ]}
 
 # timm architectures whose stage rule is known, for `timm:` names and artifacts that name an arch.
 ARCH_FAMILY = {e.arch: e.family for e in ZOO.values()}
+_PREFIX_FAMILY = (("mobilenetv3_", "mobilenetv3"), ("lcnet_", "lcnet"), ("hgnetv2_", "hgnetv2"),
+                  ("res2net", "resnet"))
 
 
 def family_of_arch(arch: str) -> str:
     if arch in ARCH_FAMILY:
         return ARCH_FAMILY[arch]
-    if arch.startswith("mobilenetv3_"):
-        return "mobilenetv3"
-    return "generic"
+    return next((family for prefix, family in _PREFIX_FAMILY if arch.startswith(prefix)), "generic")
 
 
 def get_entry(name: str) -> ZooEntry:

@@ -77,15 +77,14 @@ def _paddle_state_from(model, arch_name):
     """The state dict PaddleClas would hold for `model`'s weights (inverse of the mapping under test)."""
     arch = get_paddle_arch(arch_name)
     inverse = {dst: src for src, dst in MODULE_MAPS[arch.family](model).items()}
-    classifier = "classifier" if arch.family == "mobilenetv3" else "fc"
     state = {}
     for key, value in model.state_dict().items():
         module, _, param = key.rpartition(".")
         if param == "num_batches_tracked":
             continue
         array = value.numpy().copy()
-        if module == classifier and param == "weight":
-            array = array.T / (1.0 - PADDLE_MV3_DROPOUT if arch.family == "mobilenetv3" else 1.0)
+        if inverse[module] == arch.classifier and param == "weight":
+            array = array.T / (1.0 - arch.inference_dropout)
         paddle_param = {"running_mean": "_mean", "running_var": "_variance"}.get(param, param)
         state[f"{inverse[module]}.{paddle_param}"] = array
     return state
@@ -140,8 +139,30 @@ def test_resnet50_vd_maps_all_277_paddle_tensors_onto_resnet50d():
     torch.testing.assert_close(converted["layer2.0.downsample.1.weight"], model.layer2[0].downsample[1].weight.detach())
 
 
+@pytest.mark.parametrize("arch_name", ["r18_vd", "res2net50_vd_26w_4s", "mv1", "mv2", "mv3_large_x0_35",
+                                       "pplcnet_x0_25", "hgnetv2_b0", "hgnetv2_b4"])
+def test_every_family_map_places_each_paddle_tensor_once(arch_name):
+    arch = get_paddle_arch(arch_name)
+    torch.manual_seed(0)
+    model = timm.create_model(arch.timm_arch, num_classes=10)
+    state = _paddle_state_from(model, arch_name)  # raises KeyError if a model module has no Paddle name
+    assert len(set(MODULE_MAPS[arch.family](model).values())) == len(MODULE_MAPS[arch.family](model))
+    converted = convert_state_dict(state, arch, model)
+    for key, value in model.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            torch.testing.assert_close(converted[key], value, rtol=1e-6, atol=1e-6)
+
+
+def test_pphgnetv2_file_loads_into_timms_own_hgnetv2_unchanged():
+    ours = timm.create_model("hgnetv2_b1_paddle", num_classes=10)
+    state = convert_state_dict(_paddle_state_from(ours, "hgnetv2_b1"), get_paddle_arch("hgnetv2_b1"), ours)
+    theirs = timm.create_model("hgnetv2_b1", num_classes=10)
+    theirs.load_state_dict(state, strict=True)  # same names and shapes: only the stem pool's padding differs
+    assert type(ours.stem).__name__ == "PaddleStemV2" and type(theirs.stem).__name__ == "StemV2"
+
+
 def test_unknown_arch_lists_the_supported_ones():
-    with pytest.raises(ConversionError, match=r"unknown --arch 'r51_vd'; supported: r50_vd \(ResNet50_vd\)"):
+    with pytest.raises(ConversionError, match=r"unknown --arch 'r51_vd'; supported: r18_vd \(ResNet18_vd\)"):
         get_paddle_arch("r51_vd")
     assert get_paddle_arch("MobileNetV3_large_x1_0").timm_arch == "mobilenetv3_large_100_paddle"
 

@@ -31,7 +31,7 @@ def test_every_r50_vd_parameter_lands_in_paddleclas_stage():
     assert any("downsample" in n and groups[n]["lr"] == pytest.approx(MULT[2]) for n in names if n.startswith("layer2"))
 
 
-MV3_LARGE_STAGES = {  # PaddleClas blocks 0-2, 3-5, 6-8, 9-11, 12-14 (+ the 960 conv), in timm's nesting
+MV3_LARGE_STAGES = {  # PaddleDetection blocks 0-2, 3-5, 6-8, 9-11, 12-14 (+ the 960 conv), in timm's nesting
     0: ["conv_stem", "bn1", "blocks.0.0", "blocks.1.0", "blocks.1.1"],
     1: ["blocks.2.0", "blocks.2.1", "blocks.2.2"],
     2: ["blocks.3.0", "blocks.3.1", "blocks.3.2"],
@@ -47,8 +47,9 @@ def _mv3_stage(name, table):
     return HEAD
 
 
-@pytest.mark.parametrize("arch", ["mobilenetv3_large_100", "mobilenetv3_large_100_paddle"])
-def test_every_mv3_large_parameter_lands_in_paddleclas_stage(arch):
+@pytest.mark.parametrize("arch", ["mobilenetv3_large_100", "mobilenetv3_large_100_paddle",
+                                  "mobilenetv3_large_075_paddle"])
+def test_every_mv3_large_parameter_lands_in_paddledetection_stage(arch):
     import timm
     model = timm.create_model(arch, num_classes=10)
     groups = group_of(stage_param_groups(model, MULT, lr=1.0, weight_decay=1e-5, family="mobilenetv3"))
@@ -60,23 +61,34 @@ def test_every_mv3_large_parameter_lands_in_paddleclas_stage(arch):
     for name in names:
         stage = _mv3_stage(name, MV3_LARGE_STAGES)
         g = groups[name]
-        if name in bn:  # BN: lr 1.0 and no decay
-            assert (g["lr"], g["weight_decay"]) == (1.0, 0.0), name
-        else:  # convs, SE included, and the head conv / classifier
-            assert g["lr"] == pytest.approx(1.0 if stage is HEAD else MULT[stage]), name
-            assert g["weight_decay"] == 1e-5, name
+        assert g["lr"] == pytest.approx(1.0 if stage is HEAD else MULT[stage]), name  # BN and SE included
+        assert g["weight_decay"] == (0.0 if name in bn else 1e-5), name  # PaddleDetection: norm_decay 0
     assert {n.split(".")[0] for n in names if _mv3_stage(n, MV3_LARGE_STAGES) is HEAD} == {"conv_head", "classifier"}
 
 
-def test_mv3_small_groups_blocks_by_two():
+def test_mv3_small_groups_blocks_by_three_and_leaves_stage_4_empty():
     model = zoo.create_model("mv3_small", num_classes=10)
     stages = param_stages(model, "mobilenetv3")
     flat = [f"blocks.{i}.{j}" for i, s in enumerate(model.blocks) for j in range(len(s))]
     assert len(flat) == 12  # 11 inverted-residual blocks + the 576 conv
     for k, prefix in enumerate(flat):
-        expected = 4 if k == 11 else min(k // 2, 4)
         got = {stages[n] for n in stages if n.startswith(prefix + ".")}
-        assert got == {expected}, prefix
+        assert got == {min(k // 3, 4)}, prefix  # the 576 conv (k = 11) lands in 3, as PaddleDetection's extra conv
+    assert 4 not in stages.values()
+
+
+def test_lcnet_and_hgnetv2_stage_rules():
+    lcnet = param_stages(zoo.create_model("pplcnet_x0_25", num_classes=10), "lcnet")
+    assert lcnet["conv_stem.weight"] == lcnet["blocks.0.0.conv_dw.weight"] == 0  # conv1 + blocks2
+    assert lcnet["blocks.3.0.conv_dw.weight"] == lcnet["blocks.4.3.conv_pw.weight"] == 3  # blocks5
+    assert lcnet["blocks.5.1.se.conv_reduce.weight"] == 4 and lcnet["conv_head.weight"] is HEAD
+    model = zoo.create_model("hgnetv2_b0", num_classes=10)
+    hg = param_stages(model, "hgnetv2")
+    assert hg["stem.stem1.conv.weight"] == 0 and hg["stages.2.blocks.0.layers.0.conv1.conv.weight"] == 3
+    assert hg["head.fc.weight"] is HEAD
+    groups = group_of(stage_param_groups(model, MULT, lr=1.0, weight_decay=1e-5, family="hgnetv2"))
+    assert groups["stages.0.blocks.0.layers.0.lab.scale"]["lr"] == pytest.approx(MULT[1] * 0.01)
+    assert groups["stages.0.blocks.0.layers.0.bn.weight"]["weight_decay"] == 0.0
 
 
 def test_generic_rule_covers_any_timm_model_in_order():
