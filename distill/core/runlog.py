@@ -69,9 +69,13 @@ PANELS = (
     ("box AP", "AP (%)", lambda k: k.startswith("AP")),
     ("learning rate", "learning rate", lambda k: k == "lr" or k.startswith("lr_")),
     ("throughput", "images / s", lambda k: k in ("img_per_s", "images_per_s")),
-    ("skipped images", "images (total)", lambda k: k.startswith("skipped")),
+    ("skipped images", "images", lambda k: k.startswith("skipped") or k == "corrupt"),
 )
 X_AXES = ("epoch",)   # logged to map steps to epochs: drawn as the top axis, not as a curve
+
+
+def _panel_of(key: str) -> str | None:
+    return next((title for title, _, match in PANELS if match(key)), None)
 
 
 def group_by_unit(keys) -> dict[str, tuple[str, list[str]]]:
@@ -98,8 +102,11 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
     series = {}
     for k in keys or [k for k in dict.fromkeys(k for r in rows for k in r) if k != "step"]:
         pts = [(r["step"], r[k]) for r in rows if k in r and not math.isnan(r[k])]
-        if pts and not (k.startswith("skipped") and not any(v for _, v in pts)):  # none skipped: no panel
-            series[k] = pts
+        if not pts or (_panel_of(k) == "skipped images" and not any(v for _, v in pts)):
+            continue   # none skipped: no panel
+        if _panel_of(k) is None and k not in X_AXES and len({v for _, v in pts}) == 1:
+            continue   # a constant of unknown meaning (e.g. the eval set's size) is no curve
+        series[k] = pts
     panels = group_by_unit(series) or {"no metrics logged": ("", [])}
     cols = 2 if len(panels) == 4 else min(len(panels), 3)
     nrows = math.ceil(len(panels) / cols)
@@ -109,7 +116,7 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
         for k in names:
             steps, values = zip(*series[k])
             marker = dict(marker="o", ms=3) if len(steps) < 30 else {}
-            if k.startswith("skipped"):
+            if unit == "images":
                 ax.step(steps, values, where="post", label=k, **marker)
             else:   # the total loss drawn over its parts
                 ax.plot(steps, values, label=k, lw=2.2 if k == "loss" and len(names) > 1 else 1.4, **marker)
@@ -121,9 +128,9 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
         ax.set_ylabel(unit, fontsize=10)
         ax.tick_params(labelsize=9)
         ax.grid(alpha=0.3)
-        if unit in ("images / s", "images (total)"):
+        if unit in ("images / s", "images"):
             ax.set_ylim(bottom=0)
-        if unit == "images (total)":
+        if unit == "images":
             ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         if len(names) > 5:   # below the panel: inside, a long legend hides the curves
             ax.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.2), frameon=False)
@@ -147,9 +154,9 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
 
 
 def _step_to_epoch(points, np):
-    """(step -> epoch, epoch -> step), a line fitted to the logged epochs; None without two distinct points."""
-    if not points or len({s for s, _ in points}) < 2:
-        return None
+    """(step -> epoch, epoch -> step), a line fitted to the logged epochs."""
+    if not points or len({s for s, _ in points}) < 2 or max(e for _, e in points) < 2:
+        return None   # under two epochs an epoch axis says nothing the step axis does not
     slope, offset = np.polyfit(*np.asarray(points, dtype=float).T, 1)
     if slope <= 0:
         return None

@@ -137,12 +137,14 @@ def test_curves_have_one_unit_per_panel_and_epochs_on_the_top_axis(tmp_path, mon
     for step in range(1, 9):
         log.log(step, loss=2.0 / step, loss_ssld=1.0 / step, lr=0.1, epoch=step / 4, img_per_s=400.0)
     log.log(8, top1=40.0, top1_test_res=42.0, skipped_images=0)
+    for step in (4, 8):
+        log.log(step, images=24, corrupt=0)   # eval bookkeeping: a constant and a zero count
     log.close()
     ssld = group_by_unit(["loss", "loss_ssld", "lr", "epoch", "img_per_s", "top1", "top1_test_res",
                           "skipped_images", "grad_norm"])
     assert ssld == {"loss": ("loss", ["loss", "loss_ssld"]), "accuracy": ("accuracy (%)", ["top1", "top1_test_res"]),
                     "learning rate": ("learning rate", ["lr"]), "throughput": ("images / s", ["img_per_s"]),
-                    "skipped images": ("images (total)", ["skipped_images"]), "grad_norm": ("grad_norm", ["grad_norm"])}
+                    "skipped images": ("images", ["skipped_images"]), "grad_norm": ("grad_norm", ["grad_norm"])}
     detection = group_by_unit(["loss", "loss_classifier", "lr", "img_per_s", "AP", "AP50", "APs"])
     assert detection["box AP"] == ("AP (%)", ["AP", "AP50", "APs"]) and list(detection)[:2] == ["loss", "box AP"]
 
@@ -152,7 +154,7 @@ def test_curves_have_one_unit_per_panel_and_epochs_on_the_top_axis(tmp_path, mon
     png = plot_metrics(tmp_path / "metrics.csv", tmp_path / "curves.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     panels = [ax for ax in saved[0].axes if ax.get_visible()]
-    # no skipped images logged -> no panel for them; epoch is the top axis, not a curve
+    # no skipped or corrupt images -> no panel for them, nor for the constant; epoch is the top axis, not a curve
     assert [ax.get_title() for ax in panels] == ["loss", "accuracy", "learning rate  (lr)", "throughput  (img_per_s)"]
     assert [ax.get_ylabel() for ax in panels] == ["loss", "accuracy (%)", "learning rate", "images / s"]
     assert all(line.get_label() != "epoch" for ax in panels for line in ax.get_lines())
