@@ -272,7 +272,7 @@ def convert_published(pdparams, entry: PublishedStudent, url: str | None = None)
 
 
 def download_student(name: str, home=None, progress: bool = True, force: bool = False) -> Path:
-    """Fetch, verify, convert and install `name` as HOME/NAME.safetensors; returns the artifact path."""
+    """Fetch (into HOME/downloads, resumable), verify, convert and install `name` as HOME/NAME.safetensors."""
     entry = get_published(name)
     home = Path(home) if home is not None else ssld_home()
     target = home / f"{entry.name}.safetensors"
@@ -291,7 +291,9 @@ def download_student(name: str, home=None, progress: bool = True, force: bool = 
         pdparams.unlink(missing_ok=True)  # truncated or not a state dict: a rerun must fetch it again
         raise DownloadError(f"{url} arrived but is not a readable PaddleClas file, so it was removed ({e}); "
                             f"rerun, or {_offline_hint(entry, url)}") from None
-    return save_student(target, model, meta)
+    save_student(target, model, meta)
+    pdparams.unlink()  # the artifact holds every tensor and records the file's url and sha256
+    return target
 
 
 def student_status(home=None) -> list[dict]:

@@ -104,8 +104,7 @@ def test_download_installs_a_student_that_resolves_by_name_and_gives_paddle_logi
     assert meta["name"] == NAME and pre["paddle_arch"] == "PPLCNet_x0_25" and pre["top1"] == 53.43
     assert pre["url"] == server.url + ENTRY.path and pre["sha256"] == hashlib.sha256(data).hexdigest()
     assert pre["weight_decay"] is None and "l2 decay" in pre["notes"][0]  # no source gives it: said so
-    assert (ssld_home / "downloads" / ENTRY.file).read_bytes() == data
-    assert not list(ssld_home.glob("**/*.part"))
+    assert not list((ssld_home / "downloads").iterdir())  # no .part, and the .pdparams went once converted
     rows = {r["name"]: r for r in student_status()}
     assert rows[NAME]["status"] == "installed" and rows["r50_vd_ssld"]["status"] == "downloadable"
     before = len(server.requests)
@@ -124,8 +123,8 @@ def test_a_broken_off_download_resumes_from_the_partial_file(server, published, 
     assert not (ssld_home / f"{NAME}.safetensors").exists()
     download_student(NAME, progress=False)
     assert server.requests[-1] == ("/" + ENTRY.path, f"bytes={len(data) // 3}-")  # asked only for the rest
-    assert (ssld_home / "downloads" / ENTRY.file).read_bytes() == data and not part.exists()
-    assert load_student(NAME)[1]["pretrain"]["sha256"] == hashlib.sha256(data).hexdigest()
+    assert not part.exists()
+    assert load_student(NAME)[1]["pretrain"]["sha256"] == hashlib.sha256(data).hexdigest()  # the whole file
 
 
 def test_a_truncated_file_is_refused_removed_and_not_installed(server, published, ssld_home):
