@@ -351,7 +351,7 @@ def main(argv=None) -> None:
             raise UserError("--download installs into $SSLD_HOME under its published name; convert a fetched "
                             f"file with -o instead: {download.convert_command(entry)} -o PATH")
         path = download.download_student(args.download, progress=not args.no_progress, force=args.force)
-        print(f"installed {path} ({entry.paddle_name}, top-1 {entry.top1:g}%); use it as --backbone {entry.name} "
+        print(f"installed {path} ({entry.paddle_name}, top-1 {entry.top1:.2f}%); use it as --backbone {entry.name} "
               f"or teacher.models: [{entry.name}]")
         return
     if not args.weights:
