@@ -516,8 +516,9 @@ def main(argv=None) -> None:
     lines, missing = protocol_table(args.names or TEN, root, args.download)
     print("\n".join(lines), flush=True)
     if args.names and missing:   # asked for by name: a script must see that they are not there
-        raise UserError(f"{len(missing)} of {len(args.names)} datasets not found under {root}: "
-                        f"{', '.join(missing)} (the reasons are listed above)")
+        first = next(line for line in lines if line.startswith(f"{missing[0]:11s} missing")).split(": ", 1)[1]
+        raise UserError(f"{len(missing)} of {len(args.names)} datasets not found under {root}: {missing[0]}: {first}"
+                        + (f" (and {', '.join(missing[1:])}, listed above)" if len(missing) > 1 else ""))
 
 
 if __name__ == "__main__":
