@@ -201,3 +201,21 @@ def test_distill_step_clips_the_global_gradient_norm(amp):
     ssld.distill_step(model, None, DistillLoss("ce"), images, labels, opt, precision, clip_grad_norm=1e-3)
     norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
     assert norm.item() == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_resume_takes_a_new_learning_rate_and_more_epochs(tmp_path, demo_root):
+    """The NaN advice ("lower optim.lr, then rerun") must work: optimizer and scheduler take the new lr."""
+    cfg = tiny_config(tmp_path, demo_root, "lr_change", schedule=dict(epochs=1, kind="cosine", warmup_epochs=0.0))
+    ssld.main(["-c", write_config(tmp_path, cfg)])
+    cfg["optim"]["lr"], cfg["schedule"]["epochs"] = 0.01, 2
+    engine = ssld.main(["-c", write_config(tmp_path, cfg)])
+    groups = engine.task.optimizer.param_groups
+    assert all(g["initial_lr"] == pytest.approx(0.01 * g["lr_mult"]) for g in groups)
+    rows = {int(r["step"]): r["lr"] for r in csv_rows(tmp_path / "lr_change" / "metrics.csv") if not math.isnan(r["lr"])}
+    # 6 it/epoch, now 12 in all: step 8 of the new cosine at the new base lr
+    assert rows[8] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 8 / 12)))
+    assert rows[4] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 4 / 6)))  # the first run's rows stay
+    assert engine.task.scheduler.last_epoch == 12
+    with pytest.raises(ssld.UserError, match=r"another config \(optim.momentum: 0.9 -> 0.5"):
+        cfg["optim"]["momentum"] = 0.5
+        ssld.main(["-c", write_config(tmp_path, cfg)])
