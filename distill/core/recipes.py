@@ -87,3 +87,11 @@ def _near_names(name: str) -> str:
     if near:
         return f"did you mean {', '.join(near)}? (python -m distill.zoo --configs lists all {len(names)})"
     return f"python -m distill.zoo --configs lists the {len(names)} recipes"
+
+
+def format_recipes() -> str:
+    """The `python -m distill.zoo --configs` listing: each recipe name with its first comment line."""
+    names = list_recipes()
+    width = max(map(len, names), default=0)
+    lines = [f"{n.ljust(width)}  {recipe_title(n)}".rstrip() for n in names]
+    return "\n".join(lines + ["", "pass a name to -c (e.g. -c r50, -c detection/cascade_mv3_640), or a YAML path"])

@@ -17,13 +17,16 @@ def test_names_resolve_to_the_recipes_and_paths_stay_paths(tmp_path, monkeypatch
     assert recipes.resolve_recipe("detection/cascade_mv3_640") == configs / "detection" / "cascade_mv3_640.yaml"
     assert recipes.resolve_recipe("transfer/flowers102.yaml") == configs / "transfer" / "flowers102.yaml"
     assert recipes.resolve_recipe("./configs/detection/demo.yaml") == configs / "detection" / "demo.yaml"
+    names = recipes.list_recipes()
+    assert {"r50", "mv3", "detection/faster_r50_vd_640", "transfer/flowers102"} <= set(names)
+    assert len(names) == len(list(configs.rglob("*.yaml")))
+    assert recipes.recipe_title("r50").startswith("SSLD big-data stage")
+    listing = recipes.format_recipes().splitlines()
+    assert [line.split()[0] for line in listing[:len(names)]] == names
+    assert any(line.startswith("detection/cascade_mv3_640 ") and "Cascade R-CNN" in line for line in listing)
     own = tmp_path / "r50"                            # a file of that name wins over the recipe
     own.write_text("x: 1\n")
     assert recipes.resolve_recipe("r50") == Path("r50")
-    names = recipes.list_recipes()
-    assert {"r50", "mv3", "detection/faster_r50_vd_640", "transfer/base"} <= set(names)
-    assert len(names) == len(list(configs.rglob("*.yaml")))
-    assert recipes.recipe_title("transfer/base").startswith("Defaults")
 
 
 def test_unknown_names_list_the_nearest_recipes_in_one_line(tmp_path, monkeypatch):
