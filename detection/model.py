@@ -1,7 +1,7 @@
 """Faster R-CNN and Cascade R-CNN (FPN) on torchvision parts, with detectron2's choices where they differ.
 
 torchvision supplies the resize/normalise transform, anchors, RPN, matcher, sampler, box coder and NMS.
-What differs from torchvision's FasterRCNN (DESIGN.md, "Dependencies and why"):
+What differs from torchvision's FasterRCNN (detectron2's choices):
 - RoIAlign with aligned=True and adaptive sampling (detectron2 ROIAlignV2),
 - L1 box-regression losses in the RPN and the box heads (detectron2 SMOOTH_L1_BETA 0),
 - predictor init N(0, 0.01) / N(0, 0.001) (detectron2 FastRCNNOutputLayers),

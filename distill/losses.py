@@ -1,4 +1,4 @@
-"""Distillation losses (DESIGN.md "SSLD losses"): ssld, jsd, kl, soft_ce, plus an optional hard-label CE.
+"""Distillation losses (PaddleClas DMLLoss and the usual KD losses): ssld, jsd, kl, soft_ce, plus an optional hard-label CE.
 
 Every soft loss takes student logits and teacher *probabilities*: an ensemble of teachers is the mean of
 their probabilities, so the teacher side is always a distribution. None of them needs a label, which is

@@ -1,4 +1,4 @@
-"""The frozen teacher (DESIGN.md "Teacher practice"): one model or an ensemble, its own resolution, BN mode.
+"""The frozen teacher (PaddleClas SSLD; Beyer et al., "patient and consistent"): one model or an ensemble, its own resolution, BN mode.
 
 The teacher is never wrapped in DDP and never receives gradients. It is called on the student's exact
 augmented batch (same crop, flip, mixup); when it runs at another resolution that batch is resized, and

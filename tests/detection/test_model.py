@@ -47,7 +47,7 @@ def test_artifact_backbone_gets_its_normalisation_frozen_bn_multipliers_and_weig
     groups = param_groups(model, lr=0.02, weight_decay=7e-5)
     lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
     named = dict(model.named_parameters())
-    # r50_vd/r18_vd detection default [0.05, 0.05, 0.1, 0.1, 0.15] (DESIGN.md); FPN and heads x1
+    # r50_vd/r18_vd detection default [0.05, 0.05, 0.1, 0.1, 0.15] (PaddleClas SSLD docs, 4.1); FPN and heads x1
     for name, mult in [("conv1.0.weight", 0.05), ("layer1.0.conv1.weight", 0.05), ("layer2.0.conv1.weight", 0.1),
                        ("layer3.0.conv1.weight", 0.1), ("layer4.0.conv1.weight", 0.15)]:
         assert lr_of[id(named["backbone.body.model." + name])] == pytest.approx(0.02 * mult), name

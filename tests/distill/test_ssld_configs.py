@@ -1,4 +1,4 @@
-"""The shipped recipes load against the trainer's schema and say what DESIGN.md says they say."""
+"""The shipped recipes load against the trainer's schema and say what the PaddleClas SSLD tables say."""
 from pathlib import Path
 
 import pytest

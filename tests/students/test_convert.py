@@ -131,7 +131,7 @@ def test_mapping_errors_name_every_unplaced_and_missing_tensor_with_shapes(mv3_s
 def test_resnet50_vd_maps_all_277_paddle_tensors_onto_resnet50d():
     model = timm.create_model("resnet50d", num_classes=1000)
     state = _paddle_state_from(model, "r50_vd")
-    assert len(state) == 277 and sum(a.size for a in state.values()) == 25_629_512  # DESIGN.md
+    assert len(state) == 277 and sum(a.size for a in state.values()) == 25_629_512  # timm resnet50d == PaddleClas ResNet50_vd
     assert state["blocks.3.short.conv.weight"].shape == (512, 256, 1, 1)  # stage 2's avg-pool shortcut
     assert state["fc.weight"].shape == (2048, 1000)  # Paddle Linear is [in, out]
     converted = convert_state_dict(state, get_paddle_arch("r50_vd"), model)

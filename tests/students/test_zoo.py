@@ -10,7 +10,7 @@ from distill.core.errors import UserError
 def test_r50_vd_is_resnet50d_with_paddleclas_tensor_count():
     model = zoo.create_model("r50_vd", num_classes=1000)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
-    assert len(state) == 277 and sum(v.numel() for v in state.values()) == 25_629_512  # DESIGN.md
+    assert len(state) == 277 and sum(v.numel() for v in state.values()) == 25_629_512  # timm resnet50d == PaddleClas ResNet50_vd
 
 
 @pytest.mark.parametrize("name", ["r18_vd", "mv3_small", "mv2"])
