@@ -15,6 +15,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from distill.core.errors import UserError
+from distill.core.recipes import resolve_recipe
 
 
 class ConfigError(UserError):
@@ -203,6 +204,8 @@ def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | st
     if isinstance(defaults, (str, Path)):
         defaults = read_yaml(defaults)
     defaults = dict(defaults or {})
+    if path:
+        path = resolve_recipe(path)  # a file, or a recipe name (-c r50, -c detection/demo)
     user = load_yaml_with_bases(path) if path else {}
     source = str(path) if path else "defaults"
     if defaults:
@@ -219,7 +222,8 @@ def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | st
 
 
 def add_config_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("-c", "--config", required=required, help="YAML config file (may use _base_)")
+    parser.add_argument("-c", "--config", required=required,
+                        help="YAML config file or recipe name (python -m distill.zoo --configs lists them)")
     parser.add_argument("-o", "--override", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. -o optim.lr=0.1 (repeatable; typed by YAML)")
 
