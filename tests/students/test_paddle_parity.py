@@ -46,26 +46,28 @@ def _paddleclas_model(module_name, paddle_name):
     package = "legendary_models" if module_name in LEGENDARY else "model_zoo"
     module = importlib.import_module(f"paddleclas.ppcls.arch.backbone.{package}.{module_name}")
     # Res2Net/MobileNetV2/ResNeXt name their parameters; a fresh name scope lets one process build several.
-    with paddle.utils.unique_name.guard():
+    # LazyGuard skips Paddle's initializers (seconds for the big models): _randomize sets every tensor.
+    with paddle.utils.unique_name.guard(), paddle.LazyGuard():
         return getattr(module, paddle_name)()
 
 
 def _randomize(layer, seed):
     """He-scaled conv/linear weights and non-trivial BatchNorm statistics, so every tensor matters."""
     rng = np.random.default_rng(seed)
+    f32 = np.float32
     state = {}
     for key, value in layer.state_dict().items():
         shape = tuple(value.shape)
         if key.endswith("._variance"):
-            array = rng.uniform(0.5, 2.0, shape)
+            array = 0.5 + 1.5 * rng.random(shape, dtype=f32)
         elif key.endswith("._mean") or key.endswith(".bias"):
-            array = rng.normal(0.0, 0.2, shape)
+            array = 0.2 * rng.standard_normal(shape, dtype=f32)
         elif len(shape) == 1:  # BatchNorm scale, PP-HGNetV2 learnable affine scale
-            array = rng.uniform(0.5, 1.5, shape)
+            array = 0.5 + rng.random(shape, dtype=f32)
         else:  # conv [out, in/g, kh, kw] or Paddle Linear [in, out]
             fan_in = shape[0] if len(shape) == 2 else int(np.prod(shape[1:]))
-            array = rng.normal(0.0, np.sqrt(2.0 / fan_in), shape)
-        state[key] = paddle.to_tensor(array.astype(np.float32))
+            array = rng.standard_normal(shape, dtype=f32) * f32(np.sqrt(2.0 / fan_in))
+        state[key] = paddle.to_tensor(array)
     layer.set_state_dict(state)
 
 
