@@ -127,6 +127,10 @@ def plot_metrics(csv_path, png_path, keys=None) -> Path:
         ax.set_xlabel("step" + ("   (epoch on top)" if to_epoch else ""), fontsize=10)
         ax.set_ylabel(unit, fontsize=10)
         ax.tick_params(labelsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))   # steps are counted
+        steps = [s for k in names for s, _ in series[k]]
+        if max(steps) - min(steps) < 2:
+            ax.set_xlim(min(steps) - 1, max(steps) + 1)
         ax.grid(alpha=0.3)
         if unit in ("images / s", "images"):
             ax.set_ylim(bottom=0)
