@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -36,6 +37,16 @@ class OutputError(OSError):
 
 def is_torch_write_failure(e: BaseException) -> bool:
     return isinstance(e, RuntimeError) and any(s in str(e) for s in TORCH_WRITE_FAILURES)
+
+
+def refused_errno(e: BaseException) -> int | None:
+    """The errno of a write the file system refused, also where a library hides it in its message
+    (safetensors: `I/O error: No space left on device (os error 28)`); None for anything else."""
+    code = e.errno if isinstance(e, OSError) else None
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)", str(e))
+        code = int(found.group(1)) if found else None
+    return code if code in OUTPUT_ERRNOS else None
 
 
 def current_umask() -> int:
@@ -114,8 +125,9 @@ def _output_error(e: BaseException, path: Path) -> OutputError | None:
     """The one-line form of a refused write, or None when `e` is something else (a bug, a bad value)."""
     if isinstance(e, OutputError):
         return e
-    if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
-        return OutputError(e.errno, os.strerror(e.errno).lower(), str(path))
+    code = refused_errno(e)
+    if code is not None:
+        return OutputError(code, os.strerror(code).lower(), str(path))
     if is_torch_write_failure(e):
         try:
             full = shutil.disk_usage(path.parent).free < 64 * 2**20

@@ -6,7 +6,7 @@ import math
 import os
 import sys
 
-from distill.core.atomic import OUTPUT_ERRNOS, OutputError, is_torch_write_failure
+from distill.core.atomic import OutputError, is_torch_write_failure, refused_errno
 
 INTACT = "files written before this one are intact; free space, fix the permissions or choose another output folder, then rerun"
 
@@ -19,9 +19,11 @@ def output_error_message(e: BaseException) -> str | None:
     """One line for a write the file system refused (read-only or full output folder), else None."""
     if isinstance(e, OutputError):
         return f"{e} ({INTACT})"
-    if isinstance(e, OSError) and e.errno in OUTPUT_ERRNOS:
-        where = f"cannot write {e.filename}" if e.filename else "cannot write the output"
-        return f"{where}: {os.strerror(e.errno).lower()} ({INTACT})"
+    code = refused_errno(e)
+    if code is not None:
+        filename = getattr(e, "filename", None)
+        where = f"cannot write {filename}" if filename else "cannot write the output"
+        return f"{where}: {os.strerror(code).lower()} ({INTACT})"
     if is_torch_write_failure(e):
         return f"a checkpoint write was cut short (torch: {str(e).splitlines()[0]}): the disk or quota is " \
                f"probably full ({INTACT})"
@@ -38,7 +40,7 @@ def run_cli(main, argv=None) -> None:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except (OSError, RuntimeError) as e:
+    except Exception as e:   # only refused writes are turned into a line; anything else is a bug: raise
         message = output_error_message(e)
         if message is None:
             raise

@@ -4,6 +4,7 @@ import errno
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -41,8 +42,8 @@ def test_refused_write_is_one_line_naming_the_target_and_cause(tmp_path, capsys,
 
 def test_real_short_torch_write_is_reported_as_a_full_disk(tmp_path, monkeypatch, capsys):
     """torch.save onto /dev/full (always ENOSPC) raises torch's own 'unexpected pos' error, with no errno."""
-    if not os.path.exists("/dev/full"):
-        pytest.skip("no /dev/full")
+    if not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)):
+        pytest.skip("no /dev/full device")   # never create a regular file in its place
     target = tmp_path / "checkpoint.pt"
     state = {"w": torch.zeros(100_000)}
     monkeypatch.setattr(atomic.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 0))  # a full disk
@@ -136,3 +137,18 @@ def test_old_style_and_long_abandoned_temporaries_are_stale(tmp_path, monkeypatc
     removed = remove_stale_temporaries(target)
     assert sorted(p.name for p in removed) == sorted([old_style.name, abandoned.name])
     assert young_old_style.exists() and foreign.exists()
+
+
+def test_safetensors_full_disk_names_the_errno_it_hides_in_its_message(tmp_path, capsys):
+    """safetensors raises SafetensorError('... No space left on device (os error 28)'), not an OSError."""
+    from safetensors import SafetensorError
+    target = tmp_path / "student.safetensors"
+
+    def write(tmp):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+    with pytest.raises(SystemExit):
+        run_cli(lambda argv: atomic_write(target, write))
+    assert capsys.readouterr().err.startswith(f"error: cannot write {target}: no space left on device (")
+    with pytest.raises(SystemExit):   # the same error raised outside atomic_write: no path to name
+        run_cli(lambda argv: write(None))
+    assert capsys.readouterr().err.startswith("error: cannot write the output: no space left on device (")
