@@ -27,9 +27,9 @@ from timm.layers import make_divisible
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._efficientnet_blocks import SqueezeExcite
 from timm.models._efficientnet_builder import decode_arch_def, round_channels
-from timm.models.efficientnet import EfficientNet
+from timm.models.efficientnet import EfficientNet, _create_effnet
 from timm.models.hgnet import HighPerfGpuNet, StemV2, model_cfgs as hgnet_cfgs
-from timm.models.mobilenetv3 import MobileNetV3
+from timm.models.mobilenetv3 import MobileNetV3, _create_mnv3
 from timm.models.res2net import Bottle2neck
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
@@ -158,7 +158,7 @@ def _paddle_mobilenetv3(variant: str, size: str, scale: float, pretrained: bool 
     model_kwargs = dict(block_args=decode_arch_def(_mv3_arch(size, scale)), num_features=1280, head_bias=False,
                         stem_size=16, round_chs_fn=partial(round_channels, multiplier=scale),
                         act_layer=nn.Hardswish, se_layer=se_layer)
-    return build_model_with_cfg(MobileNetV3, variant, pretrained, **dict(model_kwargs, **kwargs))
+    return _create_mnv3(variant, pretrained, **dict(model_kwargs, **kwargs))
 
 
 def _paddle_lcnet(variant: str, scale: float, pretrained: bool = False, **kwargs) -> MobileNetV3:
@@ -166,7 +166,7 @@ def _paddle_lcnet(variant: str, scale: float, pretrained: bool = False, **kwargs
     model_kwargs = dict(block_args=decode_arch_def(arch), num_features=1280, head_bias=False, stem_size=16,
                         round_chs_fn=partial(round_channels, multiplier=scale), act_layer=nn.Hardswish,
                         se_layer=partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU))
-    return build_model_with_cfg(MobileNetV3, variant, pretrained, **dict(model_kwargs, **kwargs))
+    return _create_mnv3(variant, pretrained, **dict(model_kwargs, **kwargs))
 
 
 @register_model
@@ -209,7 +209,7 @@ def mobilenetv1_100_paddle(pretrained: bool = False, **kwargs) -> EfficientNet:
     arch = [["dsa_r1_k3_s1_c64"], ["dsa_r2_k3_s2_c128"], ["dsa_r2_k3_s2_c256"], ["dsa_r6_k3_s2_c512"],
             ["dsa_r2_k3_s2_c1024"]]
     args = dict(block_args=decode_arch_def(arch), num_features=0, stem_size=32, act_layer=nn.ReLU)
-    return build_model_with_cfg(EfficientNet, "mobilenetv1_100_paddle", pretrained, **dict(args, **kwargs))
+    return _create_effnet("mobilenetv1_100_paddle", pretrained, **dict(args, **kwargs))
 
 
 @register_model
@@ -218,7 +218,7 @@ def mobilenetv2_100_paddle(pretrained: bool = False, **kwargs) -> EfficientNet:
     arch = [["ir_r1_k3_s1_e1_c16"], ["ir_r2_k3_s2_e6_c24"], ["ir_r3_k3_s2_e6_c32"], ["ir_r4_k3_s2_e6_c64"],
             ["ir_r3_k3_s1_e6_c96"], ["ir_r3_k3_s2_e6_c160"], ["ir_r1_k3_s1_e6_c320"]]
     args = dict(block_args=decode_arch_def(arch), num_features=1280, stem_size=32, act_layer=nn.ReLU6)
-    return build_model_with_cfg(EfficientNet, "mobilenetv2_100_paddle", pretrained, **dict(args, **kwargs))
+    return _create_effnet("mobilenetv2_100_paddle", pretrained, **dict(args, **kwargs))
 
 
 def _register_mobile(name: str, builder, doc: str) -> None:
