@@ -66,12 +66,13 @@ def _temporary_prefix(path: Path) -> str:
     return f".{path.name}."
 
 
-def _writer_of(name: str, prefix: str) -> tuple[str, int] | None:
+_WRITER = re.compile(r"\.(?P<host>[^.]+)-(?P<pid>\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _writer_of(name: str) -> tuple[str, int] | None:
     """(host, pid) encoded in a temporary's name, or None for a name from an older version."""
-    middle = name[len(prefix):-len(".tmp")]
-    writer = middle.split(".", 1)[0]
-    host, _, pid = writer.rpartition("-")
-    return (host, int(pid)) if host and pid.isdigit() else None
+    found = _WRITER.search(name)
+    return (found["host"], int(found["pid"])) if found else None
 
 
 def _pid_alive(pid: int) -> bool:
@@ -84,6 +85,33 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _is_stale(tmp: Path, now: float) -> bool:
+    """The rule of `remove_stale_temporaries`, for one file."""
+    try:
+        mtime = tmp.stat().st_mtime
+    except OSError:
+        return False
+    if now - mtime > STALE_SECONDS:
+        return True
+    writer = _writer_of(tmp.name)
+    if writer is None:
+        return mtime < _PROCESS_START
+    host, pid = writer
+    return host == _HOST and pid != os.getpid() and not _pid_alive(pid)
+
+
+def _remove_stale(candidates) -> list[Path]:
+    now, removed = time.time(), []
+    for tmp in candidates:
+        if _is_stale(tmp, now):
+            try:
+                tmp.unlink()
+                removed.append(tmp)
+            except OSError:
+                pass
+    return removed
+
+
 def remove_stale_temporaries(path) -> list[Path]:
     """Remove the `.NAME.*.tmp` temporaries of `path` that no live writer holds; returns those removed.
 
@@ -93,32 +121,20 @@ def remove_stale_temporaries(path) -> list[Path]:
     A temporary from an older version (no writer in the name) is stale once older than this process."""
     path = Path(path)
     prefix = _temporary_prefix(path)
-    removed = []
     try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp")]
+        return _remove_stale(p for p in path.parent.iterdir() if p.name.startswith(prefix) and p.name.endswith(".tmp"))
     except OSError:
-        return removed
-    now = time.time()
-    for tmp in candidates:
-        try:
-            mtime = tmp.stat().st_mtime
-        except OSError:
-            continue
-        writer = _writer_of(tmp.name, prefix)
-        if now - mtime > STALE_SECONDS:
-            stale = True
-        elif writer is None:
-            stale = mtime < _PROCESS_START
-        else:
-            host, pid = writer
-            stale = host == _HOST and pid != os.getpid() and not _pid_alive(pid)
-        if stale:
-            try:
-                tmp.unlink()
-                removed.append(tmp)
-            except OSError:
-                pass
-    return removed
+        return []
+
+
+def remove_stale_temporaries_in(folder) -> list[Path]:
+    """The same rule for every atomic-write temporary (`.*.tmp`) directly in `folder`: for a run folder at
+    start-up, so that a target never written again does not keep its killed writer's temporary."""
+    try:
+        return _remove_stale(p for p in Path(folder).iterdir() if p.name.startswith(".") and p.name.endswith(".tmp")
+                             and p.is_file())
+    except OSError:
+        return []
 
 
 def _output_error(e: BaseException, path: Path) -> OutputError | None:

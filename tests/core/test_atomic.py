@@ -152,3 +152,18 @@ def test_safetensors_full_disk_names_the_errno_it_hides_in_its_message(tmp_path,
     with pytest.raises(SystemExit):   # the same error raised outside atomic_write: no path to name
         run_cli(lambda argv: write(None))
     assert capsys.readouterr().err.startswith("error: cannot write the output: no space left on device (")
+
+
+def test_a_run_folder_is_swept_of_dead_writers_temporaries_at_start(tmp_path):
+    """A killed write of a target that is never written again (model_final.pt) still goes."""
+    from distill.core.atomic import _HOST, remove_stale_temporaries_in
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".model_final.pt.{_HOST}-{dead.pid}.x1y2z3a4.tmp"
+    live = tmp_path / f".checkpoint.pt.{_HOST}-{os.getpid()}.q1w2e3r4.tmp"   # this process: a write in flight
+    unrelated = tmp_path / ".hidden.tmp"                                   # not ours, but young: kept
+    for p in (stale, live, unrelated):
+        p.write_text("x")
+    os.utime(unrelated, None)
+    assert remove_stale_temporaries_in(tmp_path) == [stale]
+    assert live.exists() and unrelated.exists()
