@@ -52,6 +52,16 @@ PATTERN_CONTRAST = 70                  # max per-channel offset of a pattern's s
 BACKGROUND_CONTRAST = 90               # same, for the background's gradient / blotches
 MAX_NOISE = 12                         # max std of per-pixel noise in a fill
 PATTERN_KINDS = ("stripes", "checks", "blotches", "gradient")
+# The data of the one-command demo (python -m distill.demo): `demo` is the pretraining task (the teacher
+# learns from every train label, the students see labels for `labeled_per_class` of them plus a pool that
+# is half off-topic and holds mirrored copies of val images); `downstream` is the transfer task, four
+# shapes the pretraining never shows, 10 labels each. `python -m distill.demo_data OUT --preset NAME`.
+PRESETS = {
+    "demo": dict(num_classes=8, train_per_class=300, labeled_per_class=40, val_per_class=50, image_size=32,
+                 clutter=0.3, unlabeled=3000, unlabeled_empty=0.5, val_copies=40),
+    "downstream": dict(shapes=("arrow", "frame", "heart", "semicircle"), train_per_class=10, val_per_class=100,
+                       image_size=32, clutter=0.3),
+}
 BACKGROUND_KINDS = ("solid", "gradient", "blotches")
 
 
@@ -337,8 +347,9 @@ def _check(name, value, lo, hi=None):
 
 
 def _outputs(out: Path):
-    return [out / "train", out / "val", out / "unlabeled", out / "annotations", out / "classes.txt",
-            out / "train_list.txt", out / "val_list.txt", out / "unlabeled_list.txt"]
+    return [out / "demo_data.json", out / "train", out / "val", out / "unlabeled", out / "annotations",
+            out / "classes.txt", out / "train_list.txt", out / "val_list.txt", out / "unlabeled_list.txt",
+            out / "labeled_list.txt"]
 
 
 def _save_jpeg(image: Image.Image, path: Path, quality: int):
@@ -359,14 +370,17 @@ def _coco_annotations(scene, image_id, next_ann_id, class_index):
 
 def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_per_class: int = 20,
              image_size: int = 96, seed: int = 0, unlabeled: int = 0, overwrite: bool = False,
-             shapes=None, clutter: float = 1.0, unlabeled_empty: float = 0.0, val_copies: int = 0) -> dict:
+             shapes=None, clutter: float = 1.0, unlabeled_empty: float = 0.0, val_copies: int = 0,
+             labeled_per_class: int = 0) -> dict:
     """Write the demo dataset under `out_dir` and return a summary dict (counts, classes, paths).
 
     shapes: class names to use instead of the first `num_classes` of SHAPES (a downstream task with
     classes a pretraining set never had). clutter: nuisance level in [0, 1] (see sample_scene).
     unlabeled_empty: share of pool images without a main object (off-topic images mining should skip).
     val_copies: also put this many mirrored, re-compressed copies of val images into the pool (what
-    deduplication against val must find).
+    deduplication against val must find). labeled_per_class: also write labeled_list.txt, the first N
+    train images of each class (the labels a student may use when the teacher had them all).
+    The last file written is demo_data.json (this summary): its presence means the set is complete.
     """
     if shapes is not None:
         shapes = [shapes] if isinstance(shapes, str) else list(shapes)
@@ -379,6 +393,7 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise UserError(f"demo data: {name}={value!r}, expected a number in 0..1")
     _check("val_copies", val_copies, 0)
+    _check("labeled_per_class", labeled_per_class, 0, train_per_class)
     _check("train_per_class", train_per_class, 1)
     _check("val_per_class", val_per_class, 1)
     _check("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
@@ -418,6 +433,10 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
                 annotations += _coco_annotations(scene, image_id, len(annotations) + 1, class_index)
                 lines.append(f"{rel} {label}\n")
         (out / f"{split}_list.txt").write_text("".join(lines))
+        if split == "train" and labeled_per_class:
+            keep = [line for k, line in enumerate(lines) if k % per_class < labeled_per_class]
+            (out / "labeled_list.txt").write_text("".join(keep))
+            summary["labeled"] = {"images": len(keep), "list": str(out / "labeled_list.txt")}
         coco = {"info": {"description": f"ssld-kit demo shapes ({split}, seed {seed})"}, "licenses": [],
                 "images": images, "annotations": annotations, "categories": categories}
         (out / "annotations").mkdir(exist_ok=True)
@@ -447,6 +466,7 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
     summary["unlabeled"] = {"images": len(lines), "off_topic": empty, "val_copies": len(val_scenes),
                             "list": str(out / "unlabeled_list.txt") if lines else None}
     summary["seconds"] = round(time.perf_counter() - start, 3)
+    (out / "demo_data.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
@@ -458,6 +478,8 @@ def format_summary(summary: dict) -> str:
         d = s[split]
         text.append(f"  {split}: {d['images']} images, {d['objects']} boxes -> {d['folder']}/, "
                     f"{d['list']}, {d['coco']}")
+    if s.get("labeled"):
+        text.append(f"  labeled subset: {s['labeled']['images']} images -> {s['labeled']['list']}")
     if s["unlabeled"]["images"]:
         u = s["unlabeled"]
         extra = [f"{u[k]} {what}" for k, what in (("off_topic", "off-topic"), ("val_copies", "copies of val images"))
@@ -471,24 +493,28 @@ def format_summary(summary: dict) -> str:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m distill.demo_data", description=__doc__.split("\n")[0])
     parser.add_argument("out_dir", help="folder to write (train/, val/, annotations/, list files)")
-    parser.add_argument("--classes", type=int, default=8, help=f"number of shape classes, 1..{len(SHAPES)}")
-    parser.add_argument("--train-per-class", type=int, default=60)
-    parser.add_argument("--val-per-class", type=int, default=20)
-    parser.add_argument("--image-size", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--unlabeled", type=int, default=0, help="also write N unlabeled images")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="the settings of python -m distill.demo's data (other flags override them)")
+    parser.add_argument("--classes", type=int, dest="num_classes", help=f"number of shape classes, 1..{len(SHAPES)} (8)")
     parser.add_argument("--shapes", help=f"comma-separated class names instead of --classes ({','.join(SHAPES)})")
-    parser.add_argument("--clutter", type=float, default=1.0, help="nuisance level 0..1 (1: full difficulty)")
-    parser.add_argument("--unlabeled-empty", type=float, default=0.0,
-                        help="share of unlabeled images without a main object (off-topic)")
-    parser.add_argument("--val-copies", type=int, default=0, help="mirrored copies of val images in the pool")
+    parser.add_argument("--train-per-class", type=int, help="(60)")
+    parser.add_argument("--labeled-per-class", type=int, help="also list the first N of each class in labeled_list.txt")
+    parser.add_argument("--val-per-class", type=int, help="(20)")
+    parser.add_argument("--image-size", type=int, help="(96)")
+    parser.add_argument("--seed", type=int, help="(0)")
+    parser.add_argument("--clutter", type=float, help="nuisance level 0..1 (1, the full difficulty)")
+    parser.add_argument("--unlabeled", type=int, help="also write N unlabeled images (0)")
+    parser.add_argument("--unlabeled-empty", type=float, help="share of unlabeled images without a main object (0)")
+    parser.add_argument("--val-copies", type=int, help="mirrored copies of val images in the pool (0)")
     parser.add_argument("--overwrite", action="store_true", help="replace demo data already in OUT_DIR")
     args = parser.parse_args(argv)
-    summary = generate(args.out_dir, num_classes=args.classes, train_per_class=args.train_per_class,
-                       val_per_class=args.val_per_class, image_size=args.image_size, seed=args.seed,
-                       unlabeled=args.unlabeled, overwrite=args.overwrite,
-                       shapes=args.shapes.split(",") if args.shapes else None, clutter=args.clutter,
-                       unlabeled_empty=args.unlabeled_empty, val_copies=args.val_copies)
+    given = {k: v for k, v in vars(args).items() if v is not None and k not in ("out_dir", "preset", "overwrite")}
+    if "shapes" in given:
+        given["shapes"] = given["shapes"].split(",")
+    settings = {**(PRESETS[args.preset] if args.preset else {}), **given}
+    if "num_classes" in given:
+        settings.pop("shapes", None)
+    summary = generate(args.out_dir, overwrite=args.overwrite, **settings)
     print(format_summary(summary))
 
 
