@@ -21,6 +21,7 @@ import torch.nn as nn
 from distill.students import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm models
 from distill.students.artifact import build_meta, default_preprocessing, save_student
 from distill.core.errors import UserError, run_cli
+from distill.students.paddle_models import paddle_width
 from distill.students.pdparams import load_pdparams
 
 # Paddle's Dropout(p, mode="downscale_in_infer") (PaddleClas MobileNetV3, PP-LCNet) scales the classifier
@@ -47,23 +48,18 @@ class PaddleArch:
     inference_dropout: float = 0.0  # p of a downscale_in_infer Dropout before it
 
 
-def _width(scale: float) -> str:
-    """PaddleClas's width suffix: 0.35 -> x0_35, 1.0 -> x1_0, 2.5 -> x2_5."""
-    text = f"{scale:g}"
-    return "x" + (text if "." in text else text + ".0").replace(".", "_")
-
-
 def _mv3_archs():
     for size in ("large", "small"):
         for tag, scale in paddle_models.MV3_WIDTHS.items():
-            yield PaddleArch(f"mv3_{size}" if scale == 1.0 else f"mv3_{size}_{_width(scale)}",
-                             f"MobileNetV3_{size}_{_width(scale)}", f"mobilenetv3_{size}_{tag}_paddle", "mobilenetv3",
-                             inference_dropout=PADDLE_MV3_DROPOUT)
+            width = paddle_width(scale)
+            yield PaddleArch(f"mv3_{size}" if scale == 1.0 else f"mv3_{size}_{width}", f"MobileNetV3_{size}_{width}",
+                             f"mobilenetv3_{size}_{tag}_paddle", "mobilenetv3", inference_dropout=PADDLE_MV3_DROPOUT)
 
 
 def _lcnet_archs():
     for tag, scale in paddle_models.LCNET_WIDTHS.items():
-        yield PaddleArch(f"pplcnet_{_width(scale)}", f"PPLCNet_{_width(scale)}", f"lcnet_{tag}_paddle", "lcnet",
+        width = paddle_width(scale)
+        yield PaddleArch(f"pplcnet_{width}", f"PPLCNet_{width}", f"lcnet_{tag}_paddle", "lcnet",
                          inference_dropout=PADDLE_MV3_DROPOUT)
 
 

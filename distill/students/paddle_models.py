@@ -33,7 +33,7 @@ from timm.models.mobilenetv3 import MobileNetV3, _create_mnv3
 from timm.models.res2net import Bottle2neck
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-__all__ = ["PaddleHardSigmoid", "MV3_WIDTHS", "LCNET_WIDTHS", "RES2NET_DEPTHS", "HGNETV2_PADDLE"]
+__all__ = ["PaddleHardSigmoid", "MV3_WIDTHS", "LCNET_WIDTHS", "RES2NET_DEPTHS", "HGNETV2_PADDLE", "paddle_width"]
 
 MV3_WIDTHS = {"035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "125": 1.25}
 LCNET_WIDTHS = {"025": 0.25, "035": 0.35, "050": 0.5, "075": 0.75, "100": 1.0, "150": 1.5, "200": 2.0, "250": 2.5}
@@ -56,6 +56,12 @@ _MV3 = {
 # PP-LCNet NET_CONFIG (blocks2..blocks6): kernel, out channels, stride, SE; nested as timm's lcnet.
 _LCNET_STAGES = [[(3, 32, 1, 0)], [(3, 64, 2, 0), (3, 64, 1, 0)], [(3, 128, 2, 0), (3, 128, 1, 0)],
                  [(3, 256, 2, 0), (5, 256, 1, 0)], [(5, 256, 1, 0)] * 4, [(5, 512, 2, 1), (5, 512, 1, 1)]]
+
+
+def paddle_width(scale: float) -> str:
+    """PaddleClas's width suffix in model names: 0.35 -> x0_35, 1.0 -> x1_0, 2.5 -> x2_5."""
+    text = f"{scale:g}"
+    return "x" + (text if "." in text else text + ".0").replace(".", "_")
 
 
 class PaddleHardSigmoid(nn.Module):

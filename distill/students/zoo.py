@@ -12,7 +12,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from distill.students import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm architectures
+from distill.students import paddle_models  # registers the PaddleClas-compatible timm architectures
+from distill.students.paddle_models import paddle_width
 from distill.core.errors import UserError, run_cli
 
 # Default per-stage multipliers (PaddleClas): distilled students only; plain models use 1.0.
@@ -37,11 +38,6 @@ def _resnet_like(name, arch, paddle_name):
     return ZooEntry(name, arch, "resnet", RESNET_TRANSFER, RESNET_DETECTION, paddle_name)
 
 
-def _width(scale: float) -> str:  # PaddleClas width suffix: 0.35 -> x0_35, 1.0 -> x1_0
-    text = f"{scale:g}"
-    return "x" + (text if "." in text else text + ".0").replace(".", "_")
-
-
 # One row per model. Archs ending in _paddle are the PaddleClas-compatible variants of paddle_models.py;
 # the rest are timm's own. HGNetV2's multipliers follow the ResNet_vd lists by analogy (a server-class
 # distilled student); no PaddleClas table gives them.
@@ -56,11 +52,12 @@ ZOO = {e.name: e for e in [
       for d in paddle_models.RES2NET_DEPTHS),
     ZooEntry("mv1", "mobilenetv1_100_paddle", "generic", MOBILE, MOBILE, "MobileNetV1"),
     ZooEntry("mv2", "mobilenetv2_100_paddle", "generic", MOBILE, MOBILE, "MobileNetV2"),
-    *(ZooEntry(f"mv3_{size}" if scale == 1.0 else f"mv3_{size}_{_width(scale)}", f"mobilenetv3_{size}_{tag}_paddle",
-               "mobilenetv3", MOBILE, MOBILE, f"MobileNetV3_{size}_{_width(scale)}")
+    *(ZooEntry(f"mv3_{size}" if scale == 1.0 else f"mv3_{size}_{paddle_width(scale)}",
+               f"mobilenetv3_{size}_{tag}_paddle", "mobilenetv3", MOBILE, MOBILE,
+               f"MobileNetV3_{size}_{paddle_width(scale)}")
       for size in ("large", "small") for tag, scale in paddle_models.MV3_WIDTHS.items()),
-    *(ZooEntry(f"pplcnet_{_width(scale)}", f"lcnet_{tag}_paddle", "lcnet", MOBILE, MOBILE, f"PPLCNet_{_width(scale)}")
-      for tag, scale in paddle_models.LCNET_WIDTHS.items()),
+    *(ZooEntry(f"pplcnet_{paddle_width(scale)}", f"lcnet_{tag}_paddle", "lcnet", MOBILE, MOBILE,
+               f"PPLCNet_{paddle_width(scale)}") for tag, scale in paddle_models.LCNET_WIDTHS.items()),
     *(ZooEntry(f"hgnetv2_b{i}", f"hgnetv2_b{i}_paddle" if f"b{i}" in paddle_models.HGNETV2_PADDLE else f"hgnetv2_b{i}",
                "hgnetv2", RESNET_TRANSFER, RESNET_DETECTION, f"PPHGNetV2_B{i}") for i in range(7)),
     ZooEntry("resnext101_32x16d_wsl", "resnext101_32x16d", "resnet", PLAIN, PLAIN, "ResNeXt101_32x16d_wsl"),

@@ -39,7 +39,8 @@ def _ppdet_mobilenet_v3():
             raise ImportError("CI needs paddledet==2.6.0 (pip install --no-deps paddledet==2.6.0)")
         pytest.skip("needs paddledet 2.6.0 (pip install --no-deps paddledet==2.6.0)")
     root = Path(spec.origin).parent
-    for name, sub in (("ppdet", ""), ("ppdet.modeling", "modeling"), ("ppdet.modeling.backbones", "modeling/backbones")):
+    packages = (("ppdet", ""), ("ppdet.modeling", "modeling"), ("ppdet.modeling.backbones", "modeling/backbones"))
+    for name, sub in packages:
         if name not in sys.modules:
             package = types.ModuleType(name)
             package.__path__ = [str(root / sub)]
