@@ -51,7 +51,8 @@ def venv(wheel, tmp_path_factory):
     base = tmp_path_factory.mktemp("venv")
     env_dir = base / "env"
     run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], cwd=base)
-    site = Path(sysconfig.get_path("purelib", vars={"base": str(env_dir), "platbase": str(env_dir)}))
+    python = env_dir / "bin" / "python"
+    site = Path(run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], cwd=base).stdout.strip())
     links = base / "outer"
     links.mkdir()
     outer = {Path(sysconfig.get_path(k)) for k in ("purelib", "platlib")}
@@ -60,7 +61,6 @@ def venv(wheel, tmp_path_factory):
             if not entry.name.startswith(OWN) and not (links / entry.name).exists():
                 (links / entry.name).symlink_to(entry)
     (site / "outer_packages.pth").write_text(f"{links}\n")
-    python = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(PATH=f"{env_dir / 'bin'}{os.pathsep}{env.get('PATH', '')}", PYTHONNOUSERSITE="1",
                SSLD_HOME=str(base / "ssld_home"))
