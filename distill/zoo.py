@@ -1,6 +1,32 @@
-"""python -m distill.zoo: the command-line entry of distill.students.zoo."""
+"""python -m distill.zoo: every student name with its timm architecture, stages and multipliers; which
+published students are installed or downloadable; --configs lists the recipes."""
+from __future__ import annotations
+
+import argparse
+
 from distill.core.errors import run_cli
-from distill.students.zoo import main
+from distill.core.recipes import format_recipes
+from distill.students import zoo
+from distill.students.download import status_lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m distill.zoo", description=zoo.__doc__.splitlines()[0])
+    parser.add_argument("--configs", action="store_true", help="list the recipes -c accepts")
+    args = parser.parse_args(argv)
+    if args.configs:
+        print(format_recipes())
+        return
+    rows = zoo.zoo_table()
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+    print("  ".join(c.ljust(widths[c]) for c in cols))
+    print("  ".join("-" * widths[c] for c in cols))
+    for r in rows:
+        print("  ".join(r[c].ljust(widths[c]) for c in cols))
+    print("\nAny timm model: timm:NAME (stages from timm's group_matcher, multipliers 1.0)")
+    print("\n" + "\n".join(status_lines()))
+
 
 if __name__ == "__main__":
     run_cli(main)

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from distill.students import zoo
 from distill.core.atomic import atomic_write
 from distill.core.errors import UserError
+from distill.students.published import PUBLISHED, convert_command
 from distill.students.stages import LAYOUT_HELP, stage_layout
 
 FORMAT_VERSION = 1
@@ -101,7 +102,6 @@ def _folder_weights(folder: Path, name) -> Path:
 
 
 def _how_to_get(name: str) -> str:
-    from distill.students.download import PUBLISHED, convert_command  # download imports this module
 
     stem = Path(name).name.removesuffix(".safetensors")
     if stem in PUBLISHED:

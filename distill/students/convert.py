@@ -8,7 +8,6 @@ model tensor is filled (BatchNorm's num_batches_tracked, which Paddle lacks, is 
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,8 @@ import torch
 import torch.nn as nn
 
 from distill.students import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm models
-from distill.students.artifact import build_meta, default_preprocessing, save_student
-from distill.core.errors import UserError, run_cli
+from distill.students.artifact import build_meta, default_preprocessing
+from distill.core.errors import UserError
 from distill.students.paddle_models import paddle_width
 from distill.students.pdparams import load_pdparams
 
@@ -309,67 +308,3 @@ def convert_pdparams(path, arch_name: str, num_classes: int | None = None) -> tu
     meta = build_meta(arch.name, found, arch=arch.timm_arch, model=model,
                       preprocessing=preprocessing, pretrain=pretrain)
     return model, meta
-
-
-def _output_for(weights: Path, name: str | None, output: str | None) -> Path:
-    """-o wins; else $SSLD_HOME/NAME.safetensors, so a bare NAME resolves for every consumer."""
-    from distill.students.artifact import ssld_home
-
-    if output:
-        return Path(output)
-    return ssld_home() / f"{name or weights.stem}.safetensors"
-
-
-def main(argv=None) -> None:
-    from distill.students import download
-
-    parser = argparse.ArgumentParser(
-        prog="python -m distill.convert", description=__doc__.splitlines()[0],
-        epilog="Downloadable: " + ", ".join(download.PUBLISHED)
-               + f". ${download.BASE_URL_ENV} points --download at a mirror.")
-    parser.add_argument("weights", nargs="?",
-                        help="PaddleClas .pdparams file (paddle.save of a legendary_models state dict)")
-    parser.add_argument("--download", metavar="NAME",
-                        help="fetch PaddleClas's published SSLD weights for NAME (network), convert, install")
-    parser.add_argument("--arch", help=f"model the weights belong to: {', '.join(PADDLE_ARCHS)} (or the PaddleClas "
-                                       "name); optional for a published file under its own name")
-    parser.add_argument("--name", help="student name (default: the published name, else the file's stem)")
-    parser.add_argument("-o", "--output", help="artifact to write (default: $SSLD_HOME/NAME.safetensors)")
-    parser.add_argument("--num-classes", type=int, help="expected classifier size (default: read from the weights)")
-    parser.add_argument("--force", action="store_true", help="with --download: fetch and convert again")
-    parser.add_argument("--no-progress", action="store_true", help="no download progress bar")
-    args = parser.parse_args(argv)
-    if args.download:
-        if args.weights or args.arch or args.num_classes:
-            raise UserError("--download NAME takes no weights file, --arch or --num-classes: the name fixes them")
-        entry = download.get_published(args.download)
-        if args.output or args.name:
-            raise UserError("--download installs into $SSLD_HOME under its published name; convert a fetched "
-                            f"file with -o instead: {download.convert_command(entry)} -o PATH")
-        path = download.download_student(args.download, progress=not args.no_progress, force=args.force)
-        print(f"installed {path} ({entry.paddle_name}, top-1 {entry.top1:.2f}%); use it as --backbone {entry.name} "
-              f"or teacher.models: [{entry.name}]")
-        return
-    if not args.weights:
-        parser.error("give a .pdparams file, or --download NAME")
-    weights = Path(args.weights)
-    entry = download.published_for_file(weights)
-    same_arch = args.arch is None or (entry is not None and get_paddle_arch(args.arch).paddle_name == entry.paddle_name)
-    if entry is not None and same_arch and args.num_classes in (None, 1000):
-        model, meta = download.convert_published(weights, entry)
-        name = args.name or entry.name
-    else:
-        if not args.arch:
-            raise UserError(f"{weights.name} is not a published file name; say which model it is with --arch "
-                            f"({', '.join(a.paddle_name for a in PADDLE_ARCHS.values())})")
-        model, meta = convert_pdparams(weights, args.arch, args.num_classes)
-        name = args.name or weights.stem
-    meta["name"] = name
-    output = _output_for(weights, name, args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    save_student(output, model, meta)
-    print(f"wrote {output}: {meta['arch']}, {meta['num_classes']} classes, from {weights.name}")
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import argparse
 import difflib
 from dataclasses import dataclass, field
 
@@ -14,7 +13,7 @@ import torch.nn as nn
 
 from distill.students import paddle_models  # registers the PaddleClas-compatible timm architectures
 from distill.students.paddle_models import paddle_width
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import UserError
 
 # Default per-stage multipliers (PaddleClas): distilled students only; plain models use 1.0.
 RESNET_TRANSFER = (0.1, 0.1, 0.2, 0.2, 0.3)
@@ -115,20 +114,3 @@ def zoo_table() -> list[dict]:
                          transfer=",".join(f"{m:g}" for m in e.transfer_mult),
                          detection=",".join(f"{m:g}" for m in e.detection_mult)))
     return rows
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m distill.zoo", description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
-    rows = zoo_table()
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    print("  ".join("-" * widths[c] for c in cols))
-    for r in rows:
-        print("  ".join(r[c].ljust(widths[c]) for c in cols))
-    print("\nAny timm model: timm:NAME (stages from timm's group_matcher, multipliers 1.0)")
-
-
-if __name__ == "__main__":
-    run_cli(main)

@@ -12,7 +12,7 @@ import torch
 
 from distill.students import download
 from distill.students.artifact import ArtifactError, load_student, resolve_student
-from distill.students.convert import main as convert_main
+from distill.convert import main as convert_main
 from distill.students.download import DownloadError, PUBLISHED, download_student, student_status
 
 if os.environ.get("CI"):
