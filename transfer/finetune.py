@@ -129,7 +129,6 @@ SWITCHES = [  # (flag, config key, value, help)
     ("--pretrained", "pretrained", True, "timm:ARCH only: start from timm's pretrained weights"),
     ("--no-progress", "run.progress", False, "no progress bar"),
 ]
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "transfer"
 
 
 # ---------------------------------------------------------------------------------------------------

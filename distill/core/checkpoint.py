@@ -32,9 +32,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         raise UserError(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} holds Python objects other than tensors and plain containers; "
-                        "it was not loaded (only checkpoints written by ssld-kit, or plain state dicts, are read)") from None
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" in str(e):  # torch's safe unpickler met a class it does not admit
+            raise UserError(f"{path} holds Python objects other than tensors and plain containers; it was not "
+                            "loaded (only checkpoints written by ssld-kit, or plain state dicts, are read)") from None
+        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint ({str(e).splitlines()[0]})") from None
     except Exception as e:  # a truncated or foreign file: say which
         raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
 

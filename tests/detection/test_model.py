@@ -59,7 +59,7 @@ def test_artifact_backbone_gets_its_normalisation_frozen_bn_multipliers_and_weig
     assert (lr, wd) == (pytest.approx(0.02 * 2 / 16), 7e-5)   # linear scaling; matched l2 from the artifact
 
 
-def test_mv3_multipliers_keep_bn_at_one_and_zero_freezes_a_stage(tmp_path):
+def test_mv3_multipliers_follow_paddledetection_and_zero_freezes_a_stage(tmp_path):
     trunk, meta = student(tmp_path, "mv3_large", 1e-5)
     cfg = dict(DEFAULTS["model"], fpn_channels=32, box_head_dim=64, frozen_bn=False,
                multipliers=[0.0, 0.25, 0.5, 0.5, 0.75])
@@ -71,7 +71,7 @@ def test_mv3_multipliers_keep_bn_at_one_and_zero_freezes_a_stage(tmp_path):
     assert groups[id(named["backbone.body.model.blocks.2.0.conv_pw.weight"])]["lr"] == 0.25
     assert groups[id(named["backbone.body.model.blocks.6.0.conv.weight"])]["lr"] == 0.75   # the 960 conv
     bn = groups[id(named["backbone.body.model.blocks.6.0.bn1.weight"])]                   # trainable BN
-    assert (bn["lr"], bn["weight_decay"]) == (1.0, 0.0)                                   # PaddleClas mv3 rule
+    assert (bn["lr"], bn["weight_decay"]) == (0.75, 0.0)   # PaddleDetection: BN follows the block's multiplier, no decay
     assert all(id(p) in groups for n, p in named.items() if p.requires_grad)
 
 
