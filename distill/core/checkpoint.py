@@ -33,7 +33,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        if "Weights only load failed" in str(e):  # torch's safe unpickler met a class it does not admit
+        if "Unsupported global" in str(e) or "This file can still be loaded" in str(e):  # a class torch does not admit
             raise UserError(f"{path} holds Python objects other than tensors and plain containers; it was not "
                             "loaded (only checkpoints written by ssld-kit, or plain state dicts, are read)") from None
         raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint ({str(e).splitlines()[0]})") from None
