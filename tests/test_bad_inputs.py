@@ -43,6 +43,11 @@ OWNER_FIX = {
        for t in ("ssld", "finetune", "det-train") for k in ("malformed-yaml", "tab-yaml")},
     "ssld-teacher-section-on-null": "distill.ssld: `-o teacher={models: [...]}` over `teacher: null` leaves a "
                                     "section without the schema's keys (AttributeError: input_size in validate)",
+    "demo-bad-until": "distill/demo.py: build the parser with distill.core.errors.ArgumentParser",
+    "search-gpus-negative": "transfer/search.py: --gpus -1 is accepted and the search trains; "
+                            "type=number_in(int, 0) (distill.core.errors)",
+    "demo-data-negative-count": "distill/demo_data.py: --train-per-class -1 says 'labeled_per_class=0, expected "
+                                "an integer in 0..-1'; name the flag and a range that holds",
     "predict-score-thresh-range": "detection/predict.py: --score-thresh type=number_in(float, 0, 1) "
                                   "(distill.core.errors) and ArgumentParser",
 }
@@ -311,6 +316,19 @@ def build_catalogue(root: Path, demo_root: Path) -> list[Row]:
              "--out-dir", str(root / "pred")], "corrupt.jpg"),
         Row("predict-score-thresh-range", "detection.predict",
             ["--checkpoint", str(f["detector"]), str(f["corrupt_jpg"]), "--score-thresh", "7"], "--score-thresh"),
+        # distill.demo
+        Row("demo-unwritable", "distill.demo", [f"{UNWRITABLE}/demo"], f"cannot write {UNWRITABLE}"),
+        Row("demo-bad-until", "distill.demo", [str(root / "demo_run"), "--until", "nowhere"], "--until"),
+        # transfer.search (fails before any cell trains)
+        Row("search-all-without-datasets", "transfer.search",
+            ["--all", "--data-root", str(f["empty_dir"]), "--baseline", "timm:test_resnet", "--distilled",
+             "timm:test_resnet", "--out-dir", str(root / "search1"), "--device", "cpu"], "nothing ran"),
+        Row("search-grid-malformed", "transfer.search",
+            ["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--grid", "lr",
+             "--out-dir", str(root / "search2"), "--device", "cpu"], "grid axis 'lr'"),
+        Row("search-gpus-negative", "transfer.search",
+            ["--dataset", f"folder:{demo_root}", "--backbone", "timm:test_resnet", "--gpus", "-1",
+             "--out-dir", str(root / "search3"), "--device", "cpu"], "--gpus"),
         # transfer.datasets
         Row("datasets-unknown-name", "transfer.datasets", ["flowers", "--data-root", str(root)], "flowers"),
         Row("datasets-missing", "transfer.datasets", ["dtd", "--data-root", str(root)], "dtd"),
