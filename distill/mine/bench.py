@@ -1,4 +1,6 @@
-"""python -m distill.mine bench: peak RSS and throughput for pools 10x apart, each in a fresh process.
+"""python -m distill.mine bench: peak RSS and throughput for pools 10x apart, each in a fresh process;
+then the teacher pass alone (mining's, and the distillation step's teacher forward) beside the plain
+`torch.no_grad()` loop a newcomer writes, over the same in-memory batches, alternating rounds.
 """
 from __future__ import annotations
 
@@ -42,6 +44,81 @@ def write_bench_pool(root: Path, size: int, image_size: int, per_shard: int = 10
     return size // per_shard
 
 
+def teacher_pass_bench(teacher: str, classes: int, image_files, input_size: int, batch_size: int,
+                       device: str = "auto", rounds: int = 4, amp: str = "auto") -> dict:
+    """img/s of the plain loop (fp32, NCHW, no_grad) and of distill.teacher.Teacher as mining runs it
+    (inference mode, channels_last on CUDA, bf16 autocast where the device has it) on the same batches."""
+    import copy
+
+    import torch
+    import torch.nn.functional as F
+
+    from distill.core.images import ListDataset, build_transform, collate_skipping
+    from distill.core.precision import AMP_DTYPES, autocast
+    from distill.teacher import Teacher, load_teacher_model
+    from .mining import teacher_amp
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       "cpu" if device == "auto" else device)
+    amp = teacher_amp(amp, dev)
+    torch.manual_seed(0)
+    model, meta = load_teacher_model(teacher, classes)
+    plain = copy.deepcopy(model).to(dev).eval()
+    ours = Teacher([model], [meta], bn="eval").to(dev)
+    transform = build_transform("test", input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    data = ListDataset([(str(f), 0) for f in image_files], transform)
+    batches = [collate_skipping([data[j] for j in range(i, min(i + batch_size, len(data)))])[0]
+               for i in range(0, len(data), batch_size)]
+    if dev.type == "cuda":
+        batches = [b.pin_memory() for b in batches]
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run_plain():
+        out = None
+        for x in batches:
+            with torch.no_grad():
+                out = F.softmax(plain(x.to(dev)), dim=1)
+        return out
+
+    def run_ours():
+        out = None
+        for x in batches:
+            with autocast(dev.type, AMP_DTYPES[amp]):
+                out = ours(x.to(dev, non_blocking=True))
+        return out
+
+    loops = {"plain torch.no_grad() loop (fp32, NCHW)": run_plain,
+             f"ssld-kit teacher pass (inference mode, amp {amp}, "
+             f"{'channels_last' if ours.memory_format == torch.channels_last else 'NCHW'})": run_ours}
+    seconds = dict.fromkeys(loops, 0.0)
+    with torch.no_grad():
+        agree = float((run_plain().float() - run_ours().float()).abs().max())   # warm-up, and same outputs
+    for r in range(rounds):
+        for name in (list(loops) if r % 2 == 0 else list(loops)[::-1]):
+            sync()
+            t0 = time.perf_counter()
+            loops[name]()
+            sync()
+            seconds[name] += time.perf_counter() - t0
+    n = rounds * len(data)
+    rows = {name: n / s for name, s in seconds.items()}
+    first = next(iter(rows.values()))
+    return dict(device=str(dev), teacher=teacher, input_size=input_size, batch_size=batch_size, images=len(data),
+                rounds=rounds, img_per_s=rows, speedup=list(rows.values())[1] / first, max_prob_diff=agree)
+
+
+def format_teacher_pass(r: dict) -> str:
+    width = max(map(len, r["img_per_s"]))
+    lines = [f"teacher pass: {r['teacher']} at {r['input_size']} px, batch {r['batch_size']}, {r['images']} images "
+             f"on {r['device']}, {r['rounds']} alternating rounds", f"{'loop':<{width}}  {'img/s':>9}"]
+    lines += [f"{name:<{width}}  {v:>9.1f}" for name, v in r["img_per_s"].items()]
+    lines.append(f"speedup: {r['speedup']:.2f}x (largest probability difference {r['max_prob_diff']:.1e})")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m distill.mine bench",
                                      description="peak RSS and images/s of mining for pools 10x apart")
@@ -57,6 +134,16 @@ def main(argv=None):
     parser.add_argument("--shard-size", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--dir", help="work folder (default: a temporary one, removed after)")
+    parser.add_argument("--part", default="all", choices=["all", "memory", "teacher"],
+                        help="memory: the RSS runs; teacher: the teacher pass beside the plain loop")
+    parser.add_argument("--pass-teacher", default="timm:resnet50d",
+                        help="teacher of the teacher-pass part (random weights: speed only)")
+    parser.add_argument("--pass-images", type=int, default=256)
+    parser.add_argument("--pass-size", type=int, default=224, help="teacher-pass input size")
+    parser.add_argument("--pass-batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--device", default="auto", help="teacher-pass device: auto | cpu | cuda")
+    parser.add_argument("--json", help="also write all results to this JSON file")
     args = parser.parse_args(argv)
     per_shard = 1000
     if any(s % per_shard for s in args.sizes):
@@ -64,11 +151,12 @@ def main(argv=None):
     work = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="mine_bench_"))
     try:
         t = time.perf_counter()
-        write_bench_pool(work, max(args.sizes), args.image_size, per_shard)
-        print(f"bench pool: {max(args.sizes)} images of {args.image_size} px in {work} "
+        pool_size = max(args.sizes) if args.part != "teacher" else per_shard
+        write_bench_pool(work, pool_size, args.image_size, per_shard)
+        print(f"bench pool: {pool_size} images of {args.image_size} px in {work} "
               f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
         rows = []
-        for kind in args.kinds:
+        for kind in (args.kinds if args.part in ("all", "memory") else []):
             for size in sorted(args.sizes):
                 if kind == "wds":
                     pool = str(work / f"shard-{{00000..{size // per_shard - 1:05d}}}.tar")
@@ -91,9 +179,20 @@ def main(argv=None):
                                  matrix_mb=round(size * args.classes * 4 / 2**20, 1)))
                 print(f"  {kind} {size}: peak RSS {s['peak_rss_mb']:.0f} MB, {s['images_per_s']:.0f} img/s",
                       file=sys.stderr)
+        passes = None
+        if args.part in ("all", "teacher"):
+            files = sorted((work / "files").glob("*.jpg"))[:args.pass_images]
+            passes = teacher_pass_bench(args.pass_teacher, args.classes, files, args.pass_size, args.pass_batch,
+                                        args.device, args.rounds)
     finally:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
+    if passes is not None:
+        print(format_teacher_pass(passes))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(memory=rows, teacher_pass=passes), indent=2))
+    if not rows:
+        return dict(memory=rows, teacher_pass=passes)
     print("| pool | images | classes x k | peak RSS (MB) | images/s | a pool x classes float32 matrix (MB) |")
     print("|---|---:|---:|---:|---:|---:|")
     for r in rows:

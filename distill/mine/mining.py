@@ -66,10 +66,18 @@ def load_state(path, fingerprint: dict) -> dict | None:
     return state
 
 
+def teacher_amp(amp: str, device) -> str:
+    """`auto`: bf16 autocast where the device has bf16 matrix units (CUDA), fp32 elsewhere."""
+    if amp == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "none"
+    return amp
+
+
 def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: int, assign: str,
               batch_size: int, workers: int, dist, state_path: Path, fingerprint: dict, fresh: bool = False,
               exclude=frozenset(), amp: str = "none", progress: bool = True) -> dict:
     """Mine this rank's shards, resuming from state_path; returns the rank's top-k, names and counts."""
+    amp_dtype = AMP_DTYPES[teacher_amp(amp, dist.device)]
     topk = TopKPerClass(num_classes, k, dist.device)  # on the GPU when there is one: the sorts are per batch
     state = None if fresh else load_state(state_path, fingerprint)
     done, names, counts = [], {}, dict(images=0, skipped=0)
@@ -94,7 +102,7 @@ def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: i
         warned += len(batch["skipped"])
         counts["skipped"] += len(batch["skipped"])
         if len(batch["ids"]):
-            with torch.no_grad(), autocast(dist.device.type, AMP_DTYPES[amp]):
+            with autocast(dist.device.type, amp_dtype):   # the teacher runs in inference mode itself
                 probs = teacher(batch["images"].to(dist.device, non_blocking=True))
             topk.add_batch(probs, batch["ids"], top1_only=assign == "top1")
             counts["images"] += len(batch["ids"])
