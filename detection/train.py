@@ -72,7 +72,7 @@ def build_optimizer(cfg: dict, model, meta: dict):
     optimizer = torch.optim.SGD(param_groups(model, lr, wd), lr=lr, momentum=o["momentum"])
     scheduler = build_scheduler(optimizer, "step", s["iterations"], s["warmup_iters"], milestones=s["steps"],
                                 gamma=s["gamma"], warmup_factor=s["warmup_factor"])
-    return optimizer, scheduler, lr, why
+    return optimizer, scheduler, lr, wd, why
 
 
 class DetectionTask(Task):
@@ -139,7 +139,7 @@ def train(cfg: dict, dist, out: Path, restart: bool) -> dict:
     if dist.distributed and not model_cfg["frozen_bn"] and dist.device.type == "cuda":  # SyncBN is GPU-only
         from timm.layers import convert_sync_batchnorm
         model = convert_sync_batchnorm(model)
-    optimizer, scheduler, lr, decay_note = build_optimizer(cfg, model, meta)
+    optimizer, scheduler, lr, _, decay_note = build_optimizer(cfg, model, meta)
     task = DetectionTask(cfg, dist, model, optimizer, scheduler, train_split, val_split)
     engine = Engine(task, Config.wrap(cfg["run"]), dist, cfg, restart=restart)
     engine.say(f"{cfg['model']['arch']} R-CNN, backbone {cfg['model']['backbone']} ({meta['arch']}), "

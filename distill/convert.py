@@ -22,7 +22,7 @@ def _output_for(weights: Path, name: str | None, output: str | None) -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m distill.convert", description=convert.__doc__.splitlines()[0],
-        epilog="Downloadable: " + ", ".join(download.PUBLISHED)
+        epilog="Downloadable: " + ", ".join(published.PUBLISHED)
                + f". ${published.BASE_URL_ENV} points --download at a mirror.")
     parser.add_argument("weights", nargs="?",
                         help="PaddleClas .pdparams file (paddle.save of a legendary_models state dict)")
@@ -39,10 +39,10 @@ def main(argv=None) -> None:
     if args.download:
         if args.weights or args.arch or args.num_classes:
             raise UserError("--download NAME takes no weights file, --arch or --num-classes: the name fixes them")
-        entry = download.get_published(args.download)
+        entry = published.get_published(args.download)
         if args.output or args.name:
             raise UserError("--download installs into $SSLD_HOME under its published name; convert a fetched "
-                            f"file with -o instead: {download.convert_command(entry)} -o PATH")
+                            f"file with -o instead: {published.convert_command(entry)} -o PATH")
         path = download.download_student(args.download, progress=not args.no_progress, force=args.force)
         print(f"installed {path} ({entry.paddle_name}, top-1 {entry.top1:.2f}%); use it as --backbone {entry.name} "
               f"or teacher.models: [{entry.name}]")
@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     if not args.weights:
         parser.error("give a .pdparams file, or --download NAME")
     weights = Path(args.weights)
-    entry = download.published_for_file(weights)
+    entry = published.published_for_file(weights)
     same_arch = args.arch is None or (entry is not None and convert.get_paddle_arch(args.arch).paddle_name == entry.paddle_name)
     if entry is not None and same_arch and args.num_classes in (None, 1000):
         model, meta = download.convert_published(weights, entry)

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from distill.core.config import ConfigError, load_config
+from distill.core.errors import UserError
 
 DEFAULTS = {"model": {"name": "r50_vd", "num_classes": 1000},
             "optim": {"lr": 0.1, "momentum": 0.9, "nesterov": False, "mult": [1.0, 1.0, 1.0, 1.0, 1.0]},
@@ -59,7 +60,7 @@ def test_wrong_type_names_key_and_expected_type(tmp_path):
 def test_malformed_missing_and_cyclic_files(tmp_path):
     with pytest.raises(ConfigError, match="malformed YAML"):
         load_config(write(tmp_path / "bad.yaml", "optim: [unclosed\n"), [], DEFAULTS)
-    with pytest.raises(ConfigError, match="config file not found"):
+    with pytest.raises(UserError, match="config file not found"):
         load_config(tmp_path / "nope.yaml", [], DEFAULTS)
     write(tmp_path / "a.yaml", "_base_: b.yaml\n")
     write(tmp_path / "b.yaml", "_base_: a.yaml\n")

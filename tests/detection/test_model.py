@@ -19,7 +19,7 @@ FROZEN = (FrozenBatchNorm2d, FrozenBatchNormAct2d)
 
 def student(tmp_path, name, weight_decay):
     model = create_model(name, num_classes=10)
-    meta = build_meta(name, 10, model=model, pretrain=dict(weight_decay=weight_decay),
+    meta = build_meta(name, 10, model=model, pretrain=dict(weight_decay=weight_decay, weight_decay_kind="coupled"),
                       preprocessing=dict(mean=[0.5, 0.4, 0.3], std=[0.2, 0.25, 0.3]))
     save_student(tmp_path / f"{name}.safetensors", model, meta)
     return load_student(tmp_path / f"{name}.safetensors")
@@ -55,8 +55,9 @@ def test_artifact_backbone_gets_its_normalisation_frozen_bn_multipliers_and_weig
     assert lr_of[id(named["roi_heads.box_predictor.cls_score.weight"])] == pytest.approx(0.02)
 
     from detection.train import build_optimizer
-    _, _, lr, wd = build_optimizer(dict(optim=dict(DEFAULTS["optim"], batch_size=2)), model, meta)
+    _, _, lr, wd, why = build_optimizer(dict(DEFAULTS, data=dict(DEFAULTS["data"], batch_size=2)), model, meta)
     assert (lr, wd) == (pytest.approx(0.02 * 2 / 16), 7e-5)   # linear scaling; matched l2 from the artifact
+    assert "matched" in why
 
 
 def test_mv3_multipliers_follow_paddledetection_and_zero_freezes_a_stage(tmp_path):

@@ -18,16 +18,17 @@ def recipe(name):
 
 def test_r50_is_the_paddleclas_big_data_recipe():
     cfg = recipe("r50.yaml")
-    assert (cfg.epochs, cfg.optim.lr, cfg.optim.base_batch, cfg.optim.weight_decay) == (360, 0.4, 1024, 7e-5)
+    assert (cfg.schedule.epochs, cfg.optim.lr, cfg.optim.base_batch, cfg.optim.weight_decay) == (360, 0.4, 1024, 7e-5)
     assert (cfg.optim.name, cfg.optim.momentum, cfg.schedule.kind, cfg.schedule.warmup_epochs) == ("sgd", 0.9, "cosine", 5)
     assert cfg.student.arch == "r50_vd" and cfg.loss.kind == "ssld" and cfg.loss.hard_weight == 0
     assert cfg.teacher.models[0].startswith("timm:resnext101_32x16d") and cfg.teacher.bn == "train"
     assert cfg.data.augment == "random_crop" and cfg.data.input_size == 224 and cfg.data.hflip
+    assert cfg.data.batch_size == 1024 and cfg.run.amp == "bf16"   # the global batch of PaddleClas's 32 cards
 
 
 def test_r50_finetune_and_fix_stages_chain_from_the_previous_artifact():
     ft = recipe("r50_ft.yaml")
-    assert (ft.epochs, ft.optim.lr, ft.student.init) == (60, 0.004, "r50_vd_ssld_stage1")
+    assert (ft.schedule.epochs, ft.optim.lr, ft.student.init) == (60, 0.004, "r50_vd_ssld_stage1")
     assert [s["path"] for s in ft.data.train] == ["imagenet/train"]
     fix = recipe("r50_fix.yaml")
     assert fix.student.init == ft.export.name and fix.data.input_size == 320 and fix.data.augment == "test"
@@ -36,20 +37,20 @@ def test_r50_finetune_and_fix_stages_chain_from_the_previous_artifact():
 
 def test_mv3_recipe():
     cfg = recipe("mv3.yaml")
-    assert (cfg.epochs, cfg.optim.lr, cfg.optim.base_batch, cfg.optim.weight_decay) == (360, 3.65625, 5760, 1e-5)
+    assert (cfg.schedule.epochs, cfg.optim.lr, cfg.optim.base_batch, cfg.optim.weight_decay) == (360, 3.65625, 5760, 1e-5)
     assert cfg.student.arch == "mv3_large" and cfg.teacher.models == ["r50_vd_ssld"]
 
 
 def test_funmatch_recipe_is_function_matching():
     cfg = recipe("funmatch.yaml")
     assert cfg.optim.name == "adamw" and cfg.data.augment == "inception" and cfg.data.mixup
-    assert cfg.epochs >= 1000 and cfg.optim.clip_grad_norm == 1.0
+    assert cfg.schedule.epochs >= 1000 and cfg.optim.clip_grad_norm == 1.0
 
 
 @pytest.mark.parametrize("name", ["demo_teacher.yaml", "demo.yaml", "demo_labels_only.yaml"])
 def test_demo_chain_configs_validate(name):
     cfg = recipe(name)
-    assert cfg.device == "cpu" and cfg.amp is None
+    assert cfg.run.device == "cpu" and cfg.run.amp == "off"
     if name == "demo.yaml":
         assert cfg.loss.kind == "ssld" and len(cfg.data.train) == 2  # labeled + unlabeled pool
 
