@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from distill.core.errors import UserError
+from distill.core.images import load_rgb
 
 MAX_LISTED_ERRORS = 5
 
@@ -172,11 +172,10 @@ def load_coco(json_path, image_root, category_ids: list[int] | None = None) -> C
 
 
 def read_image(path) -> torch.Tensor:
-    """uint8 RGB (3, H, W), EXIF orientation applied (detectron2 read_image). Raises OSError when the file
-    does not decode (PIL; torchvision's decoders are deprecated since 0.29)."""
-    with Image.open(path) as img:
-        img = ImageOps.exif_transpose(img).convert("RGB")
-        return torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous()
+    """uint8 RGB (3, H, W), EXIF orientation applied (detectron2 read_image), through the project's one
+    decoder (16-bit scaled, not clipped). Raises UnreadableImage, an OSError, for anything that does not
+    decode, a decompression bomb included."""
+    return load_rgb(path, exif_transpose=True, tensor=True).contiguous()
 
 
 class DetectionDataset(Dataset):

@@ -18,9 +18,10 @@ from typing import Callable
 
 import numpy as np
 import torchvision.datasets as tvd
+from PIL.Image import DecompressionBombError
 from torch.utils.data import Dataset
 
-from distill.core.images import Skipped
+from distill.core.images import Skipped, load_rgb, to_rgb
 from distill.core.atomic import OUTPUT_ERRNOS
 from distill.core.errors import ArgumentParser, UserError, run_cli
 
@@ -62,10 +63,9 @@ class Split(Dataset):
         try:
             image = self.sources[s][j][0]
             image.load()  # decode now: a truncated file fails here, not inside a transform
-        except (OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
+            image = to_rgb(image)  # 16-bit greyscale scaled, not clipped to white
+        except (OSError, SyntaxError, ValueError, DecompressionBombError) as e:  # what PIL raises for broken files
             return Skipped(_describe(self.sources[s], j), f"{type(e).__name__}: {e}")
-        if image.mode != "RGB":
-            image = image.convert("RGB")
         return (self.transform(image) if self.transform else image), self.labels[i]
 
     def subset(self, positions) -> "Split":
@@ -299,7 +299,11 @@ def folder_images(directory, class_to_idx: dict, is_valid_file) -> list[tuple[st
 
 
 class _ImageFolder(tvd.ImageFolder):
-    """torchvision's ImageFolder with the symlink-safe listing of `folder_images`."""
+    """torchvision's ImageFolder with the symlink-safe listing of `folder_images`, decoding through
+    distill.core.images.load_rgb (16-bit scaled; bombs and broken files raise UnreadableImage)."""
+
+    def __init__(self, root, **kwargs):
+        super().__init__(root, loader=load_rgb, **kwargs)
 
     def make_dataset(self, directory, class_to_idx, extensions=None, is_valid_file=None, allow_empty=False):
         from torchvision.datasets.folder import has_file_allowed_extension

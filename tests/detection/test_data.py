@@ -136,3 +136,20 @@ def test_left_out_boxes_empty_images_and_unused_categories_are_counted(tmp_path,
                                "categories without annotations (still a class of the model): 0 'shapes'")
     clean = load_coco(demo_root / "annotations" / "instances_train.json", demo_root)
     assert clean.unused_categories == [] and "left out" not in clean.summary()
+
+
+def test_bomb_is_skipped_and_16_bit_is_scaled_by_the_detection_reader(tmp_path, demo_root, coco, monkeypatch):
+    import numpy as np
+    import PIL.Image
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)
+    PIL.Image.fromarray(ramp).save(tmp_path / "ramp16.png")
+    PIL.Image.new("RGB", (400, 400)).save(tmp_path / "bomb.png")
+    data = copy.deepcopy(coco)
+    data["images"][0]["file_name"] = str(tmp_path / "ramp16.png")
+    data["images"][1]["file_name"] = str(tmp_path / "bomb.png")
+    split = load_coco(write(tmp_path, data), demo_root)
+    image, _, bad = DetectionDataset(split)[0]
+    assert bad is None and abs(image.float().mean().item() - 127.5) < 1.5     # not clipped to white
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 20_000)                # 400 x 400 > 2 x the limit
+    image, _, bad = DetectionDataset(split)[1]
+    assert image is None and bad == str(tmp_path / "bomb.png")

@@ -13,8 +13,8 @@ from PIL import Image
 
 from distill.core.errors import UserError
 from distill.core.metrics import evaluate_classifier
-from transfer.datasets import (MEAN_PER_CLASS, SPECS, TEN, TOP1, DatasetNotFound, load_dataset, per_class_take,
-                               protocol_table, stratified_split)
+from transfer.datasets import (MEAN_PER_CLASS, SPECS, TEN, TOP1, DatasetNotFound, Split, load_dataset,
+                               per_class_take, protocol_table, stratified_split)
 from transfer.datasets import main as datasets_main
 
 
@@ -348,3 +348,27 @@ def test_download_without_network_names_the_dataset_and_the_manual_download(tmp_
     message = str(e.value)
     assert message.startswith("CIFAR-10 (cifar10): --download failed (URLError: ")
     assert "cifar-10-python.tar.gz yourself" in message and str(tmp_path / "cifar-10-batches-py") in message
+
+
+def test_bomb_and_broken_images_are_skipped_and_16_bit_is_scaled(demo_root, tmp_path, monkeypatch):
+    import PIL.Image
+    from distill.core.images import Skipped
+    ds = tmp_path / "ds"
+    for split in ("train", "val"):
+        _copy_tree(demo_root / split, ds / split)
+    classes = sorted(p.name for p in (ds / "train").iterdir())
+    ramp = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)   # 0..65520
+    PIL.Image.fromarray(ramp).save(ds / "train" / classes[0] / "zz_16bit.png")
+    (ds / "train" / classes[0] / "zz_broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    big = PIL.Image.new("L", (400, 400))                                        # a bomb once the limit is low
+    big.save(ds / "train" / classes[0] / "zz_bomb.png")
+    data = load_dataset(f"folder:{ds}")
+    train = data.train.sources[0]
+    index = {os.path.basename(p): i for i, (p, _) in enumerate(train.samples)}
+    split = Split([train], [(0, index[n]) for n in ("zz_16bit.png", "zz_broken.jpg", "zz_bomb.png")], [0, 0, 0])
+    image, _ = split[0]
+    assert image.mode == "RGB" and abs(np.asarray(image).mean() - 127.5) < 1.5      # not ~254 (clipped)
+    assert isinstance(split[1], Skipped)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 20_000)                  # 400 x 400 > 2 x the limit
+    bomb = split[2]
+    assert isinstance(bomb, Skipped) and "DecompressionBombError" in bomb.reason
