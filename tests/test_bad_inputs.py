@@ -128,6 +128,18 @@ class Evil:
         return os.system, (f"touch {self.marker}",)
 
 
+def bomb_png(path: Path) -> Path:
+    """A 20000 x 20000 PNG in 100 bytes: its header alone trips PIL's decompression-bomb check."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 20000, 20000, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\0" * 100)) + chunk(b"IEND", b""))
+    return path
+
+
 def _coco(demo_root, name="instances_val.json"):
     return json.loads((demo_root / "annotations" / name).read_text())
 
@@ -184,11 +196,12 @@ def build_catalogue(root: Path, demo_root: Path) -> list[Row]:
     f["garbage_pdparams"].write_bytes(os.urandom(300))
     f["corrupt_jpg"] = root / "corrupt.jpg"
     f["corrupt_jpg"].write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg" * 4)
-    pool = root / "pool"                                              # good images and one corrupt one
+    pool = root / "pool"                                     # good images, one corrupt, one decompression bomb
     pool.mkdir()
     for p in sorted((demo_root / "train").rglob("*.jpg"))[:6]:
         (pool / p.name).write_bytes(p.read_bytes())
     (pool / "zz_corrupt.jpg").write_bytes(f["corrupt_jpg"].read_bytes())
+    f["bomb"] = bomb_png(pool / "zz_bomb.png")
     f["pool"] = pool
     f["empty_dir"] = root / "empty"
     f["empty_dir"].mkdir()
@@ -220,6 +233,7 @@ def build_catalogue(root: Path, demo_root: Path) -> list[Row]:
     f["coco_missing_file"] = coco_file("missing_file.json",
                                        lambda d: d["images"][0].__setitem__("file_name", "val/nope.jpg"))
     f["coco_other_cats"] = coco_file("other_cats.json", lambda d: d["categories"].append(dict(id=99, name="extra")))
+    f["coco_bomb"] = coco_file("bomb.json", lambda d: d["images"][0].__setitem__("file_name", str(f["bomb"])))
     f["detector"] = detection_checkpoint(root / "detector.pt", demo_root)
 
     teacher = ["--teacher", "timm:test_resnet", "--num-classes", "4", "--input-size", "32", "--device", "cpu",
@@ -253,7 +267,7 @@ def build_catalogue(root: Path, demo_root: Path) -> list[Row]:
         Row("mine-missing-exclude", "distill.mine", mine("--exclude", str(root / "nope.tsv")), "--exclude"),
         Row("mine-unwritable-out", "distill.mine",
             ["--pool", str(pool), "--k", "2", "-o", f"{UNWRITABLE}/m.txt", *teacher], f"cannot write {UNWRITABLE}"),
-        Row("mine-corrupt-image-skipped", "distill.mine", mine(), "1 unreadable skipped", kind="skip"),
+        Row("mine-corrupt-and-bomb-skipped", "distill.mine", mine(), "2 unreadable skipped", kind="skip"),
         # distill.mine dedup
         Row("dedup-untrained-teacher", "distill.mine", dedup_args(), "needs a trained teacher"),
         Row("dedup-cos-out-of-range", "distill.mine", dedup_args("--cos", "2"), "argument --cos"),
@@ -303,6 +317,10 @@ def build_catalogue(root: Path, demo_root: Path) -> list[Row]:
         Row("eval-coco-duplicate-image", "detection.eval", val(f["coco_dup_image"]), "unique integer 'id'"),
         Row("eval-coco-missing-image-file", "detection.eval", val(f["coco_missing_file"]), "val/nope.jpg"),
         Row("eval-coco-other-categories", "detection.eval", val(f["coco_other_cats"]), "differ from the training set"),
+        Row("eval-bomb-image-skipped", "detection.eval", val(f["coco_bomb"]), "1 corrupt, skipped", kind="skip"),
+        Row("predict-bomb-image", "detection.predict",
+            ["--checkpoint", str(f["detector"]), str(f["bomb"]), "--device", "cpu", "--out-dir", str(root / "pred2")],
+            "zz_bomb.png"),
         Row("eval-coco-missing-json", "detection.eval", val(root / "nope.json"), "annotation file not found"),
         # detection.predict
         Row("predict-missing-checkpoint", "detection.predict",
