@@ -328,11 +328,27 @@ class _FolderWithClasses(_ImageFolder):
         return self._given, {c: i for i, c in enumerate(self._given)}
 
 
+def _check_same_classes(path: Path, split: str, classes: list) -> None:
+    """One label mapping for every split: a class folder in val/ or test/ that train/ lacks (or the other
+    way round) would silently drop images or leave a class unscored."""
+    if not (path / split).is_dir():
+        return
+    found = sorted(d.name for d in os.scandir(path / split) if d.is_dir())
+    extra, lacking = sorted(set(found) - set(classes)), sorted(set(classes) - set(found))
+    if extra or lacking:
+        raise DatasetNotFound(f"the class folders of {path / split} differ from {path / 'train'}'s"
+                              + (f": only in {split}/: {', '.join(extra)}" if extra else "")
+                              + (f"; only in train/: {', '.join(lacking)}" if lacking else "")
+                              + ". Every split needs the same class folders (one label mapping)")
+
+
 def read_image_folder(path: Path):
     """PATH/train, PATH/val and optionally PATH/test. Without test/, val/ is the reported split and the
     selection split is held out of train/ (so that train+val never contains the reported images)."""
     try:
         train = _ImageFolder(path / "train")
+        for split in ("val", "test"):
+            _check_same_classes(path, split, train.classes)
         val = _FolderWithClasses(path / "val", train.classes)
         test = _FolderWithClasses(path / "test", train.classes) if (path / "test").is_dir() else None
     except (FileNotFoundError, RuntimeError) as e:

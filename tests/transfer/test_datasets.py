@@ -372,3 +372,21 @@ def test_bomb_and_broken_images_are_skipped_and_16_bit_is_scaled(demo_root, tmp_
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 20_000)                  # 400 x 400 > 2 x the limit
     bomb = split[2]
     assert isinstance(bomb, Skipped) and "DecompressionBombError" in bomb.reason
+
+
+def test_class_folders_that_differ_between_splits_are_a_clear_error(demo_root, tmp_path):
+    ds = tmp_path / "ds"
+    for split in ("train", "val"):
+        _copy_tree(demo_root / split, ds / split)
+    extra = ds / "val" / "zzz_extra"
+    _copy_tree(next((ds / "val").iterdir()), extra)                 # images that no train class owns
+    with pytest.raises(DatasetNotFound, match="only in val/: zzz_extra. Every split needs the same class folders"):
+        load_dataset(f"folder:{ds}")
+    import shutil
+    shutil.rmtree(extra)
+    gone = sorted((ds / "val").iterdir())[0]
+    shutil.rmtree(gone)
+    with pytest.raises(DatasetNotFound, match=f"only in train/: {gone.name}"):
+        load_dataset(f"folder:{ds}")
+    shutil.rmtree(ds / "train" / gone.name)
+    assert load_dataset(f"folder:{ds}").num_classes == 3
