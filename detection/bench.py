@@ -1,11 +1,14 @@
 """Detection speed, side by side in one run: train s/iter and img/s, eval img/s for Faster / Cascade x
-r50_vd / mv3_large at 640 px, batch 2, next to torchvision's fasterrcnn_resnet50_fpn on the same input;
-then COCO-eval time of faster-coco-eval vs pycocotools on the same detections.
+r50_vd / mv3_large at 640 px, batch 2, next to torchvision's fasterrcnn_resnet50_fpn on the same input
+at equal work (its proposal counts and RoI sampling set to ours), and next to our own previous path
+(FrozenBN unfolded, NCHW); then COCO-eval time of faster-coco-eval vs pycocotools on the same detections.
 
     python -m detection.bench [--iters 3 --warmup 1 --device cuda --out detection_bench.md]
 
 Backbones start from random weights (speed does not depend on them) with FrozenBN and the zoo's detection
 multipliers, as when fine-tuning a student. Inputs are demo-shape scenes drawn at 640 px with their boxes.
+Models take turns, one iteration each per round, so drifting machine load hits all of them alike; on a
+CPU the time is this process's CPU time (what the work costs, whatever else runs on the machine).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from distill.core.errors import run_cli
 from .coco_eval import coco_box_metrics
 from .config import DEFAULTS
 from .data import load_coco, read_image
-from .model import build_detector
+from .model import RPN_POST_NMS_TRAIN, build_detector
 
 BACKBONES = {"r50_vd": "resnet50d", "mv3": "mobilenetv3_large_100"}
 NUM_CLASSES = 80
@@ -37,59 +40,102 @@ def synchronize(device):
         torch.cuda.synchronize(device)
 
 
-def bench_model(model, images, targets, device, iters: int, warmup: int) -> dict:
-    """Seconds per train iteration (forward + backward + SGD step) and eval images per second."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
-    model.train()
+class Timed:
+    """One model's train step (forward + backward + SGD) and eval forward, timed one iteration at a time."""
 
-    def train_step():
-        losses = model(images, targets)
-        optimizer.zero_grad(set_to_none=True)
+    def __init__(self, model, images, targets, device):
+        self.model, self.images, self.targets, self.device = model, images, targets, device
+        self.optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-4, momentum=0.9)
+        self.seconds = dict(train=0.0, eval=0.0)
+        self.clock = time.perf_counter if device.type == "cuda" else time.process_time
+
+    def train_step(self):
+        self.model.train()
+        losses = self.model(self.images, self.targets)
+        self.optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
-        optimizer.step()
+        self.optimizer.step()
 
-    def eval_step():
-        with torch.no_grad():
-            model(images)
+    def eval_step(self):
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(self.images)
 
-    out = {}
-    for name, step in (("train", train_step), ("eval", eval_step)):
-        model.train(name == "train")
+    def run(self, timed: bool = True):
+        for name, step in (("train", self.train_step), ("eval", self.eval_step)):
+            synchronize(self.device)
+            start = self.clock()
+            step()
+            synchronize(self.device)
+            if timed:
+                self.seconds[name] += self.clock() - start
+
+    def result(self, iters: int) -> dict:
+        train, evaluate = self.seconds["train"] / iters, self.seconds["eval"] / iters
+        n = len(self.images)
+        return dict(train_s_iter=train, train_img_s=n / train, eval_img_s=n / evaluate)
+
+
+def bench_models(makers: dict, images, targets, device, iters: int, warmup: int) -> dict:
+    """{name: result}: every model built once, then `iters` alternating rounds (order reversed every round)."""
+    timed = {}
+    for name, make in makers.items():
+        torch.manual_seed(0)
+        timed[name] = Timed(make().to(device), images, targets, device)
+    for t in timed.values():
         for _ in range(warmup):
-            step()
-        synchronize(device)
-        start = time.perf_counter()
-        for _ in range(iters):
-            step()
-        synchronize(device)
-        out[name] = (time.perf_counter() - start) / iters
-    return dict(train_s_iter=out["train"], train_img_s=len(images) / out["train"], eval_img_s=len(images) / out["eval"])
+            t.run(timed=False)
+    names = list(timed)
+    for r in range(iters):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            timed[name].run()
+    return {name: t.result(iters) for name, t in timed.items()}
 
 
-def our_model(arch: str, backbone: str) -> torch.nn.Module:
+def previous_path(model: torch.nn.Module) -> torch.nn.Module:
+    """The same detector as it ran before FrozenBN folding and channels_last: the reference row."""
+    from .backbone import unfold_frozen_bn
+
+    unfold_frozen_bn(model.backbone.body)
+    model.backbone.memory_format = torch.contiguous_format
+    return model.to(memory_format=torch.contiguous_format)
+
+
+def our_model(arch: str, backbone: str, size: int = 640) -> torch.nn.Module:
     entry = zoo.ZOO["mv3_large" if backbone == "mv3" else backbone]
     trunk = zoo.create_model(entry.arch, num_classes=1000)
     meta = build_meta(entry.name, 1000, model=trunk)
-    cfg = dict(copy.deepcopy(DEFAULTS["model"]), arch=arch, frozen_bn=True)
+    cfg = dict(copy.deepcopy(DEFAULTS["model"]), arch=arch, frozen_bn=True, train_sizes=[size], test_size=size,
+               max_size=max(size, int(size * 1066 / 640)))
     return build_detector(cfg, NUM_CLASSES, trunk, meta)
 
 
-def torchvision_model() -> torch.nn.Module:
+def equal_work() -> dict:
+    """torchvision keyword arguments that give it our Faster R-CNN's proposal counts and RoI sampling."""
+    m = DEFAULTS["model"]
+    return dict(rpn_pre_nms_top_n_train=m["rpn_pre_nms_train"], rpn_pre_nms_top_n_test=m["rpn_pre_nms_test"],
+                rpn_post_nms_top_n_train=m["rpn_post_nms_train"] or RPN_POST_NMS_TRAIN["faster"],
+                rpn_post_nms_top_n_test=m["rpn_post_nms_test"], rpn_batch_size_per_image=m["rpn_batch_per_image"],
+                box_batch_size_per_image=m["roi_batch_per_image"], box_detections_per_img=m["detections_per_image"],
+                box_score_thresh=m["score_thresh"], box_nms_thresh=m["nms_thresh"])
+
+
+def torchvision_model(size: int = 640) -> torch.nn.Module:
     from timm.layers import freeze_batch_norm_2d
     from torchvision.models.detection import fasterrcnn_resnet50_fpn
 
     model = fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None, num_classes=NUM_CLASSES + 1,
-                                    min_size=640, max_size=1066)   # all layers trainable without weights
+                                    min_size=size, max_size=max(size, int(size * 1066 / 640)),
+                                    **equal_work())   # all layers trainable without weights
     model.backbone.body = freeze_batch_norm_2d(model.backbone.body)   # FrozenBN, as in its pretrained setting
     return model
 
 
-def demo_batch(batch: int, device):
+def demo_batch(batch: int, device, size: int = 640):
     from distill.demo_data import generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        generate(tmp, num_classes=8, train_per_class=1, val_per_class=1, image_size=640, seed=0)
+        generate(tmp, num_classes=8, train_per_class=1, val_per_class=1, image_size=size, seed=0)
         split = load_coco(Path(tmp) / "annotations" / "instances_train.json", tmp)
         images = [read_image(p).float().div(255).to(device) for p in split.paths[:batch]]
     targets = [dict(boxes=torch.from_numpy(b).to(device), labels=torch.from_numpy(lab).to(device))
@@ -136,19 +182,41 @@ def bench_coco_eval(num_images: int) -> dict:
 def machine(device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    import os
+    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"{torch.get_num_threads()} torch threads")
 
 
-def report(rows, coco, device, batch, iters) -> str:
-    lines = [f"Device: {machine(device)}; torch {torch.__version__}; batch {batch} at 640 px "
-             f"(demo scenes, 640x640); mean of {iters} timed iterations after warm-up.", "",
+def report(rows, coco, device, batch, iters, size=640) -> str:
+    w = equal_work()
+    clock = "wall time" if device.type == "cuda" else "process CPU time"
+    lines = [f"Device: {machine(device)}; torch {torch.__version__}; batch {batch} at {size} px "
+             f"(demo scenes, {size}x{size}); mean {clock} of {iters} alternating iterations after warm-up.",
+             f"Equal work: every Faster R-CNN row, torchvision's included, keeps {w['rpn_pre_nms_top_n_train']} "
+             f"pre-NMS proposals per level and {w['rpn_post_nms_top_n_train']} post-NMS per image in training "
+             f"({w['rpn_pre_nms_top_n_test']} / {w['rpn_post_nms_top_n_test']} at test) and samples "
+             f"{w['box_batch_size_per_image']} RoIs per image; Cascade keeps {RPN_POST_NMS_TRAIN['cascade']} "
+             "post-NMS in training (detectron2's Cascade config).", "",
              "| model | train s/iter | train img/s | eval img/s |", "|---|---:|---:|---:|"]
-    for name, r in rows:
+    for name, r in rows.items():
         lines.append(f"| {name} | {r['train_s_iter']:.3f} | {r['train_img_s']:.2f} | {r['eval_img_s']:.2f} |")
-    lines += ["", f"COCO box eval of {coco['detections']:,} detections on {coco['images']} images: "
-              f"faster-coco-eval {coco['faster_s']:.2f} s, pycocotools {coco['pycocotools_s']:.2f} s "
-              f"({coco['pycocotools_s'] / coco['faster_s']:.1f}x); identical metrics: {coco['equal']} "
-              f"(AP {coco['faster']['AP']:.3f})."]
+    lines.append("")
+    for name in rows:
+        before = rows.get(name.replace("(ours)", "(ours, previous path: BN unfolded, NCHW)"))
+        if name.endswith("(ours)") and before:
+            lines.append(f"- {name.replace(' (ours)', '')}: train {before['train_s_iter'] / rows[name]['train_s_iter']:.2f}x, "
+                         f"eval {rows[name]['eval_img_s'] / before['eval_img_s']:.2f}x the previous path")
+    tv = rows.get("torchvision fasterrcnn_resnet50_fpn (equal work)")
+    ours = rows.get("faster R-CNN r50_vd-FPN (ours)")
+    if tv and ours:
+        lines.append(f"- faster R-CNN r50_vd-FPN vs torchvision R50-FPN at equal work: train "
+                     f"{tv['train_s_iter'] / ours['train_s_iter']:.2f}x, eval {ours['eval_img_s'] / tv['eval_img_s']:.2f}x "
+                     "(r50_vd is ResNet-50-D: a deep stem and avg-pool shortcuts, a little more work than R50)")
+    if coco:
+        lines += ["", f"COCO box eval of {coco['detections']:,} detections on {coco['images']} images: "
+                  f"faster-coco-eval {coco['faster_s']:.2f} s, pycocotools {coco['pycocotools_s']:.2f} s "
+                  f"({coco['pycocotools_s'] / coco['faster_s']:.1f}x); identical metrics: {coco['equal']} "
+                  f"(AP {coco['faster']['AP']:.3f})."]
     return "\n".join(lines)
 
 
@@ -157,28 +225,40 @@ def main(argv=None) -> str:
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per model and mode")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--size", type=int, default=640, help="shorter image side")
+    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES), choices=list(BACKBONES))
+    parser.add_argument("--archs", nargs="+", default=["faster", "cascade"], choices=["faster", "cascade"])
+    parser.add_argument("--no-previous", action="store_true", help="skip our previous-path rows")
+    parser.add_argument("--no-torchvision", action="store_true", help="skip the torchvision row")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--coco-images", type=int, default=1000, help="images in the COCO-eval timing")
+    parser.add_argument("--coco-images", type=int, default=1000, help="images in the COCO-eval timing (0: skip)")
     parser.add_argument("--out", help="also write the markdown report here")
+    parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     torch.manual_seed(0)
-    images, targets = demo_batch(args.batch, device)
-    rows = []
-    candidates = [(f"{arch} R-CNN {bb}-FPN (ours)", lambda a=arch, b=bb: our_model(a, b))
-                  for bb in BACKBONES for arch in ("faster", "cascade")]
-    candidates.append(("torchvision fasterrcnn_resnet50_fpn", torchvision_model))
-    for name, make in candidates:
-        model = make().to(device)
-        rows.append((name, bench_model(model, images, targets, device, args.iters, args.warmup)))
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rows[-1][1].items()), flush=True)
-        del model
-    coco = bench_coco_eval(args.coco_images)
-    text = report(rows, coco, device, args.batch, args.iters)
+    images, targets = demo_batch(args.batch, device, args.size)
+    makers = {}
+    for bb in args.backbones:
+        for arch in args.archs:
+            makers[f"{arch} R-CNN {bb}-FPN (ours)"] = lambda a=arch, b=bb: our_model(a, b, args.size)
+            if not args.no_previous:
+                makers[f"{arch} R-CNN {bb}-FPN (ours, previous path: BN unfolded, NCHW)"] = \
+                    lambda a=arch, b=bb: previous_path(our_model(a, b, args.size))
+    if not args.no_torchvision:
+        makers["torchvision fasterrcnn_resnet50_fpn (equal work)"] = lambda: torchvision_model(args.size)
+    rows = bench_models(makers, images, targets, device, args.iters, args.warmup)
+    for name, r in rows.items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in r.items()), flush=True)
+    coco = bench_coco_eval(args.coco_images) if args.coco_images else None
+    text = report(rows, coco, device, args.batch, args.iters, args.size)
     print("\n" + text)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("# Detection benchmarks\n\n" + text + "\n")
+    if args.json:
+        import json
+        Path(args.json).write_text(json.dumps(dict(rows=rows, coco=coco, machine=machine(device)), indent=2))
     return text
 
 

@@ -159,3 +159,64 @@ def test_multiscale_training_draws_the_shorter_side_and_test_uses_test_size():
     assert seen == {48, 64, 80}
     transform.eval()
     assert transform([image])[0].image_sizes[0] == (96, 144)
+
+
+def randomised_bn_student(tmp_path, name):
+    """A student whose BN statistics and affine are far from identity, so a wrong fold shows."""
+    trunk, meta = student(tmp_path, name, 1e-5)
+    g = torch.Generator().manual_seed(1)
+    for m in trunk.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+            m.weight.data.copy_(1 + 0.2 * torch.randn(n, generator=g))
+            m.bias.data.copy_(0.2 * torch.randn(n, generator=g))
+    return trunk, meta
+
+
+@pytest.mark.parametrize("name, arch", [("r18_vd", "faster"), ("mv3_large", "cascade")])
+def test_folded_frozen_bn_and_channels_last_keep_outputs_losses_gradients_and_state_dict(tmp_path, name, arch):
+    from detection.bench import previous_path
+    from detection.backbone import FoldedConv2d
+
+    trunk, meta = randomised_bn_student(tmp_path, name)
+    cfg = dict(copy.deepcopy(DEFAULTS["model"]), arch=arch, fpn_channels=32, box_head_dim=64, train_sizes=[96],
+               test_size=96, max_size=96, rpn_post_nms_train=100, rpn_post_nms_test=100, roi_batch_per_image=64,
+               score_thresh=0.0)
+    torch.manual_seed(0)
+    fast = build_detector(cfg, 3, trunk, meta)
+    frozen = sum(isinstance(m, FROZEN) for m in fast.backbone.body.modules())
+    assert fast.backbone.folded_bn == frozen > 10                 # every frozen BN follows a conv here
+    assert sum(isinstance(m, FoldedConv2d) for m in fast.modules()) == frozen
+    slow = previous_path(copy.deepcopy(fast))
+    assert not any(isinstance(m, FoldedConv2d) for m in slow.modules())
+    assert list(fast.state_dict()) == list(slow.state_dict())    # checkpoints load either way
+    images = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    targets = [dict(boxes=torch.tensor([[8.0, 10.0, 60.0, 70.0]]), labels=torch.tensor([1])),
+               dict(boxes=torch.tensor([[30.0, 20.0, 90.0, 50.0]]), labels=torch.tensor([2]))]
+
+    fast.eval(), slow.eval()
+    with torch.inference_mode():
+        a, b = fast(images), slow(images)
+        fa, fb = fast.backbone(torch.stack(images)), slow.backbone(torch.stack(images))
+    assert all((fa[k] - fb[k]).abs().max() <= 1e-5 * fb[k].abs().max() for k in fa)   # float rounding only
+    for x, y in zip(a, b):
+        assert len(x["boxes"]) == len(y["boxes"]) > 0
+        assert torch.allclose(x["scores"], y["scores"], atol=1e-4)
+        assert torch.allclose(x["boxes"], y["boxes"], atol=1e-2)
+        assert torch.equal(x["labels"], y["labels"])
+
+    losses = {}
+    for key, model in (("fast", fast), ("slow", slow)):
+        model.train()
+        torch.manual_seed(5)                                      # same proposal and RoI sampling
+        out = model(images, targets)
+        sum(out.values()).backward()
+        losses[key] = {k: v.item() for k, v in out.items()}
+    assert losses["fast"] == pytest.approx(losses["slow"], rel=1e-3, abs=1e-5)
+    grads = [(n, p.grad, q.grad) for (n, p), (_, q) in zip(fast.named_parameters(), slow.named_parameters())
+             if p.grad is not None and n.startswith("backbone.body")]
+    bad = [(n, float((g - h).abs().max()), float(h.abs().max())) for n, g, h in grads
+           if not torch.allclose(g, h, rtol=1e-2, atol=1e-3 * float(h.abs().max()) + 1e-7)]
+    assert grads and not bad, bad[:5]
