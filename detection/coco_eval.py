@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from distill.core.atomic import atomic_write
 from distill.core.distributed import is_distributed
 from distill.core.precision import autocast
 
@@ -93,6 +94,6 @@ def evaluate(model, loader, device, split, amp_dtype=None, backend: str = "faste
     # Canonical order (COCOeval breaks score ties by input order): the same AP for any number of ranks.
     results.sort(key=lambda r: r["image_id"])
     if results_path and (not is_distributed() or dist.get_rank() == 0):
-        Path(results_path).write_text(json.dumps(results))
+        atomic_write(results_path, lambda tmp: Path(tmp).write_text(json.dumps(results)))   # never half a file
     metrics = coco_box_metrics(split.json_path, results, backend)
     return dict(metrics, images=len(split) - len(failed), corrupt=len(failed))
