@@ -25,17 +25,17 @@ from torch.utils.data import DataLoader
 from distill.students import zoo
 from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
 from distill.data import TrainStream, folder_source
-from distill.core.images import build_transform, collate_skipping
+from distill.core.images import build_transform, collate_skipping, normalize_on_device
 from distill.core.errors import UserError, run_cli
 from distill.losses import DistillLoss, ssld_loss
-from distill.core.precision import AMP_DTYPES
+from distill.core.precision import Precision
 from distill.ssld import distill_step
 from distill.teacher import Teacher
 
 
-def make_loader(data_dir, batch, size, workers, device):
+def make_loader(data_dir, batch, size, workers, device, output="float"):
     source = folder_source(data_dir)
-    transform = build_transform("random_crop", size, IMAGENET_MEAN, IMAGENET_STD)
+    transform = build_transform("random_crop", size, IMAGENET_MEAN, IMAGENET_STD, output=output)
     stream = TrainStream([source], transform, batch, epoch_samples=max(source.size, batch), seed=0)
     return stream, DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=collate_skipping,
                               pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
@@ -97,17 +97,18 @@ def plain_loop(student, teacher_model, device, lr=0.1):
     return step
 
 
-def kit_loop(student, teacher, device, amp_dtype, channels_last, lr=0.1):
-    """The trainer's step (distill.ssld.distill_step) with its speed settings."""
+def kit_loop(student, teacher, device, amp, channels_last, lr=0.1):
+    """The trainer's step (distill.ssld.distill_step) with its speed settings; uint8 batches are
+    normalised on the device, as the trainer does."""
     opt = torch.optim.SGD(student.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    precision = Precision(amp or "off", device)
     criterion = DistillLoss("ssld")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(images, labels):
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        distill_step(student, teacher, criterion, images, labels.to(device, non_blocking=True), opt, scaler,
-                     amp_dtype=amp_dtype)
+        images = normalize_on_device(images.to(device, non_blocking=True), IMAGENET_MEAN, IMAGENET_STD)
+        images = images.contiguous(memory_format=memory_format)
+        distill_step(student, teacher, criterion, images, labels.to(device, non_blocking=True), opt, precision)
     return step
 
 
@@ -134,7 +135,6 @@ def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, wa
         amp = "bf16" if device.type == "cuda" else None
     if channels_last is None:
         channels_last = device.type == "cuda"
-    amp_dtype = AMP_DTYPES[amp]
     num_classes = len(folder_source(data_dir).classes)
     results = dict(machine=machine(), device=str(device), teacher=teacher_name, student=student_name,
                    batch=batch, size=size, steps=steps, workers=workers,
@@ -151,8 +151,8 @@ def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, wa
     if compile_model:
         student = torch.compile(student)
         teacher.models = [torch.compile(m) for m in teacher.models]
-    kit = TimedLoop(kit_loop(student, teacher, device, amp_dtype, channels_last),
-                    batches_forever(*make_loader(data_dir, batch, size, workers, device)), device)
+    kit = TimedLoop(kit_loop(student, teacher, device, amp, channels_last),
+                    batches_forever(*make_loader(data_dir, batch, size, workers, device, "uint8")), device)
 
     for loop in (plain, kit):
         loop.run(warmup, timed=False)
@@ -162,6 +162,88 @@ def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, wa
     results["plain"], results["ssld_kit"] = plain.result(), kit.result()
     results["speedup"] = results["ssld_kit"]["img_per_s"] / results["plain"]["img_per_s"]
     return results
+
+
+def write_photo_jpegs(root, count: int, classes: int = 4, sides=(400, 500), seed: int = 0) -> Path:
+    """ImageNet-like JPEGs in an ImageFolder: 400-500 px, quality 90, smooth colour fields plus grain,
+    which decode and resample like photographs (flat demo shapes decode unrealistically fast)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    root = Path(root)
+    for i in range(count):
+        w, h = (int(rng.integers(sides[0], sides[1] + 1)) for _ in range(2))
+        base = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        field = np.asarray(Image.fromarray(base).resize((w, h), Image.BICUBIC), dtype=np.float32)
+        pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+        folder = root / f"class{i % classes}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def loader_bench(data_dir, size: int = 224, batch: int = 64, rounds: int = 4, workers: int = 0) -> dict:
+    """Training input pipelines side by side: torchvision ImageFolder + PIL + transforms against ours
+    (TrainStream, crop-aware JPEG decoding, uint8 out). One torch thread, alternating rounds, one epoch
+    each; with workers the img/s is divided by the worker count (images per second per core)."""
+    from torchvision import datasets
+    from torchvision import transforms as T
+
+    torch.set_num_threads(1)
+    reference = datasets.ImageFolder(str(data_dir), transform=T.Compose([
+        T.RandomResizedCrop(size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    generator = torch.Generator().manual_seed(0)
+    pipelines = {
+        "torchvision ImageFolder + PIL + transforms (float)": DataLoader(
+            reference, batch_size=batch, shuffle=True, num_workers=workers, generator=generator),
+        "ssld-kit TrainStream, uint8 (normalised on the device)": make_loader(
+            data_dir, batch, size, workers, torch.device("cpu"), "uint8"),
+        "ssld-kit TrainStream, float (normalised in the loader)": make_loader(
+            data_dir, batch, size, workers, torch.device("cpu"), "float"),
+    }
+    totals = {name: [0, 0.0] for name in pipelines}
+    # In-process (no workers) the CPU time of this process is the work done, whatever else runs on the
+    # machine; with workers the wall clock is all there is (the workers' CPU time is not reported back).
+    clock = time.process_time if workers == 0 else time.perf_counter
+
+    def one_epoch(name, r):
+        loader = pipelines[name]
+        if isinstance(loader, tuple):
+            stream, loader = loader
+            stream.set_epoch(r)
+        t0, n = clock(), 0
+        for images, *_ in loader:
+            n += len(images)
+        totals[name][0] += n
+        totals[name][1] += clock() - t0
+
+    names = list(pipelines)
+    for name in names:              # warm-up: file cache, worker start-up
+        one_epoch(name, 0)
+    totals = {name: [0, 0.0] for name in pipelines}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            one_epoch(name, r + 1)
+    cores = max(1, workers)
+    rows = {name: dict(img_per_s=n / s, img_per_s_per_core=n / s / cores, images=n, seconds=s)
+            for name, (n, s) in totals.items()}
+    base = rows[names[0]]["img_per_s"]
+    for row in rows.values():
+        row["ratio"] = row["img_per_s"] / base
+    return dict(machine=machine(), size=size, batch=batch, rounds=rounds, workers=workers,
+                images=len(reference), rows=rows, clock="process CPU time" if workers == 0 else "wall clock")
+
+
+def format_loader(r: dict) -> str:
+    width = max(map(len, r["rows"]))
+    lines = [f"machine: {r['machine']}",
+             f"training input pipeline: {r['images']} JPEGs, random-resized crop to {r['size']} px + flip, "
+             f"batch {r['batch']}, {max(1, r['workers'])} core(s) ({r['workers']} workers), "
+             f"{r['rounds']} alternating epochs each, timed by {r['clock']}",
+             f"{'pipeline':<{width}}  {'img/s/core':>10}  {'ratio':>6}"]
+    lines += [f"{name:<{width}}  {x['img_per_s_per_core']:>10.1f}  {x['ratio']:>5.2f}x" for name, x in r["rows"].items()]
+    return "\n".join(lines)
 
 
 def format_results(r: dict) -> str:
@@ -187,7 +269,8 @@ def main(argv=None):
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers (default 4; --loader: 0, timed by this process's CPU time)")
     p.add_argument("--amp", default="auto", choices=["auto", "none", "bf16", "fp16"],
                    help="autocast dtype of our loop (auto: bf16 on GPU, none on CPU)")
     p.add_argument("--channels-last", dest="channels_last", action="store_true", default=None)
@@ -195,7 +278,14 @@ def main(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile student and teacher in our loop")
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--loader", action="store_true",
+                   help="benchmark the training input pipeline against torchvision's instead of the step")
+    p.add_argument("--images", type=int, default=300, help="--loader: how many 400-500 px JPEGs to generate")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds (--loader: epochs per pipeline)")
     args = p.parse_args(argv)
+    if args.loader:
+        return main_loader(args)
+    args.workers = 4 if args.workers is None else args.workers
     for name in (args.teacher, args.student):
         zoo.get_entry(name)  # a zoo name or timm:ARCH, else a message with suggestions
     amp = None if args.amp == "none" else args.amp
@@ -212,6 +302,21 @@ def main(argv=None):
         r = bench(args.teacher, args.student, data, args.batch, args.size, args.steps, args.warmup, args.workers,
                   amp, args.channels_last, args.compile, args.device)
     print(format_results(r))
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+    return r
+
+
+def main_loader(args) -> dict:
+    with contextlib.ExitStack() as stack:
+        data = args.data
+        if data is None:
+            data = stack.enter_context(tempfile.TemporaryDirectory(prefix="ssld_loader_bench_"))
+            write_photo_jpegs(data, args.images)
+        elif not Path(data).is_dir():
+            raise UserError(f"--data {data}: not a folder")
+        r = loader_bench(data, args.size, args.batch, args.rounds, max(0, args.workers or 0))
+    print(format_loader(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return r

@@ -192,3 +192,18 @@ def test_list_lines_plain_labeled_and_mined_with_score():
     assert parse_list_line("unlabeled/7.jpg 5 0.8731") == ("unlabeled/7.jpg", 5)  # distill.mine output
     assert parse_list_line("dir 2/img 4 1.0e-03") == ("dir 2/img", 4)
     assert parse_list_line("img 12 7") == ("img 12", 7)  # an integer last field is the label
+
+
+def test_loader_bench_times_both_pipelines_over_the_same_images(tmp_path):
+    from PIL import Image
+
+    from distill.bench import format_loader, loader_bench, write_photo_jpegs
+
+    root = write_photo_jpegs(tmp_path / "jpegs", 12, classes=2, sides=(60, 80))
+    sizes = [Image.open(p).size for p in sorted(root.rglob("*.jpg"))]
+    assert len(sizes) == 12 and all(60 <= s <= 80 for size in sizes for s in size)
+    r = loader_bench(root, size=32, batch=4, rounds=2)
+    assert len(r["rows"]) == 3
+    assert all(row["images"] == 24 and row["img_per_s_per_core"] > 0 for row in r["rows"].values())
+    assert next(iter(r["rows"].values()))["ratio"] == 1.0
+    assert "img/s/core" in format_loader(r) and r["clock"] == "process CPU time"
