@@ -53,7 +53,7 @@ class ArgumentParser(argparse.ArgumentParser):
     run_cli) naming the flag, instead of a screenful of usage."""
 
     def error(self, message):
-        raise UserError(f"{message} (python -m {self.prog.removeprefix('python -m ')} --help lists the flags)")
+        raise UserError(f"{message} ({self.prog} --help lists the flags)")
 
 
 def number_in(kind=int, low=None, high=None, low_open: bool = False):
