@@ -63,9 +63,11 @@ def teacher_pass_bench(teacher: str, classes: int, image_files, input_size: int,
     amp = teacher_amp(amp, dev)
     torch.manual_seed(0)
     model, meta = load_teacher_model(teacher, classes)
+    prep = meta.get("preprocessing", {})
+    mean, std = prep.get("mean", (0.485, 0.456, 0.406)), prep.get("std", (0.229, 0.224, 0.225))
     plain = copy.deepcopy(model).to(dev).eval()
-    ours = Teacher([model], [meta], bn="eval").to(dev)
-    transform = build_transform("test", input_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    ours = Teacher([model], [meta], bn="eval", student_mean=mean, student_std=std).to(dev)   # as mining builds it
+    transform = build_transform("test", input_size, mean, std)
     data = ListDataset([(str(f), 0) for f in image_files], transform)
     batches = [collate_skipping([data[j] for j in range(i, min(i + batch_size, len(data)))])[0]
                for i in range(0, len(data), batch_size)]

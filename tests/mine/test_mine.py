@@ -276,3 +276,14 @@ def test_state_folder_goes_even_after_a_kill_mid_save(pool_root, tmp_path, one_t
     run_cli(mine.main, mine_args(pool_root, out))
     assert not state.exists()
     assert read_lines(out) == read_lines(tmp_path / "first.txt")
+
+
+def test_teacher_pass_bench_times_both_loops_on_the_same_images_with_the_same_outputs(tmp_path):
+    from distill.mine.bench import format_teacher_pass, teacher_pass_bench, write_bench_pool
+
+    write_bench_pool(tmp_path, 1000, 16)
+    files = sorted((tmp_path / "files").glob("*.jpg"))[:12]
+    r = teacher_pass_bench("timm:test_resnet", 10, files, input_size=32, batch_size=8, device="cpu", rounds=2)
+    assert r["images"] == 12 and len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"].values())
+    assert r["max_prob_diff"] < 1e-5                    # inference mode + channels_last change no number
+    assert "channels_last" in format_teacher_pass(r) and "no_grad" in format_teacher_pass(r)
