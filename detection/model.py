@@ -141,7 +141,8 @@ def load_detector(path, device="cpu") -> tuple[GeneralizedRCNN, dict]:
     from distill.core.errors import UserError
 
     ckpt = load_checkpoint(path)
-    if not all(k in ckpt for k in ("model", "model_config", "backbone_meta", "classes", "category_ids")):
+    if not isinstance(ckpt, dict) or \
+            not all(k in ckpt for k in ("model", "model_config", "backbone_meta", "classes", "category_ids")):
         raise UserError(f"{path} is not a detection checkpoint (written by python -m detection.train)")
     model = build_detector(ckpt["model_config"], len(ckpt["classes"]), trunk_from_meta(ckpt["backbone_meta"]),
                            ckpt["backbone_meta"])

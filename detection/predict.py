@@ -8,7 +8,6 @@ they share the folder (photo.jpg, photo.png -> photo_jpg.png, photo_png.png), so
 """
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 
 from .data import read_image
 
@@ -117,11 +116,11 @@ def predict_images(model, paths, out_dir, class_names, device="cpu", score_thres
 def main(argv=None):
     from .model import load_detector
 
-    parser = argparse.ArgumentParser(prog="python -m detection.predict", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m detection.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint.pt from detection.train")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--out-dir", default="predictions", help="where the PNGs go (default: ./predictions)")
-    parser.add_argument("--score-thresh", type=float, default=DEFAULT_SCORE_THRESH,
+    parser.add_argument("--score-thresh", type=number_in(float, 0, 1), default=DEFAULT_SCORE_THRESH,
                         help=f"draw detections scoring at least this (default {DEFAULT_SCORE_THRESH})")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)

@@ -12,8 +12,8 @@ detection.eval / detection.predict read), OUT/metrics.csv + OUT/tb/, OUT/loss_cu
 """
 from __future__ import annotations
 
-import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +23,7 @@ from distill.core.checkpoint import save_checkpoint
 from distill.core.config import Config, add_trainer_args
 from distill.core.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
 from distill.core.engine import Engine, StepOutput, Task
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.core.precision import AMP_DTYPES
 from distill.core.runlog import plot_metrics
 from distill.core.schedule import build_scheduler, scale_lr
@@ -41,7 +41,7 @@ PREDICTION_SAMPLES = 4
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m detection.train", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m detection.train", description=__doc__.splitlines()[0])
     add_trainer_args(parser)
     parser.add_argument("--backbone", help="student artifact name or path, or timm:ARCH (model.backbone)")
     parser.add_argument("--arch", choices=("faster", "cascade"), help="model.arch")
@@ -134,6 +134,8 @@ def train(cfg: dict, dist, out: Path, restart: bool) -> dict:
     # Build: data (validated up front), model, optimizer, schedule.
     train_split = load_coco(*split_paths(cfg["data"], "train"))
     val_split = load_coco(*split_paths(cfg["data"], "val"), category_ids=train_split.category_ids)
+    if dist.is_main:
+        print(f"train: {train_split.summary()}\nval: {val_split.summary()}", file=sys.stderr)
     model, meta, model_cfg = build_model(cfg, len(train_split.category_ids))
     model.to(dist.device)
     if dist.distributed and not model_cfg["frozen_bn"] and dist.device.type == "cuda":  # SyncBN is GPU-only

@@ -9,7 +9,6 @@ labels. Rerunning the same command resumes the run folder's checkpoint exactly.
 """
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Subset
 
 from distill.core.checkpoint import load_checkpoint
-from distill.core.config import add_trainer_args, load_config
+from distill.core.config import Config, add_trainer_args, load_config, merge
 from distill.core.distributed import cleanup, init_distributed, unwrap
 from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, Engine, NonFiniteLoss, StepOutput, Task, check_ranges
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.core.images import ListDataset, build_transform, collate_skipping
 from distill.core.metrics import evaluate_classifier
 from distill.core.precision import Precision, check_amp
@@ -110,6 +109,8 @@ RANGES = {  # numbers a recipe may set, with their allowed range
 
 def validate(cfg) -> None:
     """Checks the schema's type check cannot make: ranges, choices, and keys that depend on each other."""
+    if cfg.teacher is not None:  # a teacher given over `teacher: null` still gets every default
+        cfg.teacher = Config.wrap(merge(DEFAULTS["teacher"], cfg.teacher))
     check_ranges(cfg.run, RUN_RANGES, "run.")
     for section, ranges in RANGES.items():
         check_ranges(cfg[section], ranges, f"{section}.")
@@ -331,7 +332,7 @@ def export_student(cfg, meta: dict, model, results: list, skipped: int) -> Path:
 # main: parse, build, run.
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m distill.ssld", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m distill.ssld", description=__doc__.splitlines()[0])
     add_trainer_args(parser, config_required=True)
     return parser.parse_args(argv)
 

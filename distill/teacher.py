@@ -31,6 +31,8 @@ def load_teacher_model(source: str, num_classes: int, pretrained: bool = False) 
     source = str(source)
     if Path(source).suffix in (".pt", ".pth"):
         ckpt = load_checkpoint(source)
+        if not isinstance(ckpt, dict):
+            raise UserError(f"teacher checkpoint {source} is not an ssld-kit trainer checkpoint (not a mapping)")
         ckpt = dict(ckpt, **ckpt.get("extra", {}))  # the trainer keeps its metadata with the task's state
         if "meta" not in ckpt or "model" not in ckpt:
             raise UserError(f"teacher checkpoint {source} is not an ssld-kit trainer checkpoint (no 'meta'/'model'); "

@@ -2,16 +2,15 @@
 published students are installed or downloadable; --configs lists the recipes."""
 from __future__ import annotations
 
-import argparse
 
-from distill.core.errors import run_cli
+from distill.core.errors import ArgumentParser, run_cli
 from distill.core.recipes import format_recipes
 from distill.students import zoo
 from distill.students.download import status_lines
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m distill.zoo", description=zoo.__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m distill.zoo", description=zoo.__doc__.splitlines()[0])
     parser.add_argument("--configs", action="store_true", help="list the recipes -c accepts")
     args = parser.parse_args(argv)
     if args.configs:

@@ -30,7 +30,7 @@ from distill.core.config import Config, add_trainer_args, load_config
 from distill.core.cross_entropy import hard_ce_loss
 from distill.core.distributed import DistInfo, barrier, cleanup, init_distributed
 from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, Engine, NonFiniteLoss, StepOutput, Task, check_ranges
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.core.images import build_transform, collate_skipping
 from distill.core.metrics import evaluate_classifier
 from distill.core.order import resumable_loader
@@ -512,7 +512,7 @@ def format_results(r: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m transfer.finetune", description=__doc__.split("\n")[0],
+    parser = ArgumentParser(prog="python -m transfer.finetune", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     add_arguments(parser)
     return parser.parse_args(argv)

@@ -37,7 +37,7 @@ import yaml
 from distill.students.artifact import load_student
 from distill.core.atomic import atomic_write
 from distill.core.config import Config, read_yaml
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 from distill.core.recipes import resolve_recipe
 from distill.students.stages import parse_multipliers
 
@@ -443,11 +443,11 @@ def write_table(out: Path, table: list[dict], backbones: dict) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m transfer.search", description=__doc__.split("\n")[0],
+    parser = ArgumentParser(prog="python -m transfer.search", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ft.add_arguments(parser)
     parser.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="grid axes (default: the recipe transfer/search)")
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs to spread cells over (default: all present)")
+    parser.add_argument("--gpus", type=number_in(int, 0), default=None, help="GPUs to spread cells over (default: all present)")
     parser.add_argument("--no-final", action="store_true", help="skip retraining the best cell on train+val")
     parser.add_argument("--all", action="store_true", help="the ten datasets x (--baseline, --distilled)")
     parser.add_argument("--baseline", default=None, help="with --all: the baseline backbone (e.g. timm:resnet50d)")

@@ -36,9 +36,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
         if "Unsupported global" in str(e) or "This file can still be loaded" in str(e):  # a class torch does not admit
             raise UserError(f"{path} holds Python objects other than tensors and plain containers; it was not "
                             "loaded (only checkpoints written by ssld-kit, or plain state dicts, are read)") from None
-        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint ({str(e).splitlines()[0]})") from None
+        raise UserError(f"cannot read checkpoint {path}: not a torch checkpoint ({_first_line(e)})") from None
     except Exception as e:  # a truncated or foreign file: say which
-        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else "empty or unreadable file"
 
 
 def capture_rng() -> dict:

@@ -61,12 +61,24 @@ def read_yaml(path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ConfigError(f"malformed YAML in {path}: {e}") from None
+        raise ConfigError(f"malformed YAML in {path}{_yaml_where(e)}: {_yaml_problem(e)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """yaml's message in one line: the problem (and what it was parsing), without the quoted source."""
+    parts = [getattr(e, "context", None), getattr(e, "problem", None)]
+    text = "; ".join(p for p in parts if p) or str(e).splitlines()[0]
+    return " ".join(text.split())
 
 
 def merge(base: dict, update: Mapping) -> dict:

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .atomic import remove_stale_temporaries_in
 from .checkpoint import capture_rng, open_run, restore_rng, save_checkpoint
 from .distributed import DistInfo, all_reduce_sum, gather_objects, unwrap, wrap_ddp
 from .errors import UserError
@@ -119,6 +120,8 @@ class Engine:
         self.net = wrap_ddp(task.model, dist)
         if run_cfg.compile:
             self.net = torch.compile(self.net)
+        if dist.is_main and self.out.is_dir():  # a target never written again keeps no killed writer's temporary
+            remove_stale_temporaries_in(self.out)
         ckpt = open_run(self.ckpt_path, config, restart, safe_keys, dist.is_main)
         self.resumed = ckpt is not None
         if ckpt is not None:
