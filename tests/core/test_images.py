@@ -147,3 +147,36 @@ def test_bad_transform_arguments_are_clear():
         build_transform("random_crop", 32, MEAN, STD, interpolation="cubic-ish")
     with pytest.raises(UserError, match="output"):
         build_transform("test", 32, MEAN, STD, output="half")
+
+
+def device_decoded(paths, device, seed=0):
+    from distill.core.loader import DeviceDecode, collate_encoded, decode_crops
+
+    transform = DeviceDecode(build_transform("random_crop", 32, MEAN, STD, output="uint8", draft=False))
+    torch.manual_seed(seed)
+    crops, labels, skipped = collate_encoded([(load_transformed(p, transform), 0) for p in paths])
+    return decode_crops(crops, 32, device=device)
+
+
+def test_device_decode_path_on_cpu_gives_the_cpu_pipelines_pixels_exactly(jpegs, tmp_path):
+    """The GPU-decoding path run on the CPU: same crops, same pixels as the in-worker pipeline; a corrupt
+    JPEG is skipped with its name, the rest of the batch kept."""
+    cpu = build_transform("random_crop", 32, MEAN, STD, output="uint8", draft=False)
+    torch.manual_seed(0)
+    expected = torch.stack([cpu.load(p) for p in jpegs])
+    images, kept, skipped = device_decoded(jpegs, "cpu")
+    assert kept == list(range(len(jpegs))) and not skipped
+    assert torch.equal(images, expected)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(jpegs[0].read_bytes()[:400])
+    images, kept, skipped = device_decoded([jpegs[1], broken, jpegs[2]], "cpu")
+    assert kept == [0, 2] and len(images) == 2 and skipped[0].where == str(broken)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (nvJPEG)")
+def test_device_decode_on_cuda_matches_the_cpu_path_within_a_grey_level_or_two(jpegs):
+    cpu_images, _, _ = device_decoded(jpegs, "cpu")
+    gpu_images, kept, _ = device_decoded(jpegs, "cuda")
+    assert gpu_images.device.type == "cuda" and kept == list(range(len(jpegs)))
+    diff = (gpu_images.cpu().int() - cpu_images.int()).abs().float()
+    assert diff.mean() < 1.0 and diff.max() <= 16      # nvJPEG's IDCT and upsampling differ slightly
