@@ -4,7 +4,8 @@ No machine of this project reaches the internet, so demos and tests cannot downl
 module makes one. Each image shows one main shape (its class) and up to two smaller shapes of other
 classes on a cluttered background. Colour and texture are drawn independently of the class, so a model
 must learn shape. The files use the layouts real datasets use (ImageFolder, PaddleClas list files,
-COCO json), so the same code paths read them.
+COCO json), so the same code paths read them; annotations/instances_SPLIT_main.json keeps only each
+image's main object.
 
 Every image is drawn from its own numpy Generator seeded by (seed, split, class, index): the same
 seed gives byte-identical files, in any order or process.
@@ -441,6 +442,13 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
                 "images": images, "annotations": annotations, "categories": categories}
         (out / "annotations").mkdir(exist_ok=True)
         (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+        # The main object of each image alone (its first annotation): a detection task whose every box is
+        # large enough to see at small image sizes, where distractors shrink to a few pixels.
+        first = {}
+        for a in annotations:
+            first.setdefault(a["image_id"], a)
+        main_only = dict(coco, annotations=[dict(a, id=k + 1) for k, a in enumerate(first.values())])
+        (out / "annotations" / f"instances_{split}_main.json").write_text(json.dumps(main_only))
         summary[split] = {"images": len(images), "objects": len(annotations),
                           "folder": str(out / split), "list": str(out / f"{split}_list.txt"),
                           "coco": str(out / "annotations" / f"instances_{split}.json")}
@@ -466,8 +474,15 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
     summary["unlabeled"] = {"images": len(lines), "off_topic": empty, "val_copies": len(val_scenes),
                             "list": str(out / "unlabeled_list.txt") if lines else None}
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    (out / "demo_data.json").write_text(json.dumps(summary, indent=1))
+    # paths relative to the folder and no timing: the same seed still gives byte-identical files
+    record = json.loads(json.dumps({k: v for k, v in summary.items() if k not in ("seconds", "out_dir")}),
+                        object_hook=lambda d: {k: _relative(v, out) for k, v in d.items()})
+    (out / "demo_data.json").write_text(json.dumps(record, indent=1))
     return summary
+
+
+def _relative(value, out: Path):
+    return Path(value).relative_to(out).as_posix() if isinstance(value, str) and value.startswith(str(out)) else value
 
 
 def format_summary(summary: dict) -> str:

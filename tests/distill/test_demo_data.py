@@ -199,3 +199,81 @@ def test_existing_demo_data_needs_overwrite(demo, tmp_path):
         generate(tmp_path / "d", **small)
     summary = generate(tmp_path / "d", overwrite=True, **{**small, "num_classes": 2})
     assert sorted(p.name for p in (tmp_path / "d" / "train").iterdir()) == summary["classes"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Options the one-command demo uses: explicit classes, clutter, labeled subset, an off-topic pool with
+# copies of val images, presets.
+
+def test_explicit_shapes_make_a_task_with_other_classes(tmp_path):
+    s = generate(tmp_path / "d", shapes=["heart", "arrow"], train_per_class=2, val_per_class=1, image_size=32)
+    assert s["classes"] == ["arrow", "heart"] == (tmp_path / "d" / "classes.txt").read_text().split()
+    coco = json.loads((tmp_path / "d" / "annotations" / "instances_train.json").read_text())
+    assert {c["name"] for c in coco["categories"]} == {"arrow", "heart"}
+    assert not set(s["classes"]) & set(SHAPES[:8])          # none of the default 8 pretraining classes
+
+
+def test_clutter_zero_removes_distractors_lines_and_patterns():
+    classes = sorted(SHAPES[:8])
+    clean = [labeled_scene(0, "train", k % 8, k, classes, 32, clutter=0.0) for k in range(40)]
+    full = [labeled_scene(0, "train", k % 8, k, classes, 32) for k in range(40)]
+    assert all(len(s.objects) == 1 and not s.lines and s.objects[0].fill.kind == "solid" for s in clean)
+    assert all(s.objects[0].fill.noise == 0 and s.background.noise == 0 for s in clean)
+    assert sum(len(s.objects) > 1 for s in full) > 5 and sum(bool(s.lines) for s in full) > 5
+
+
+def test_labeled_subset_is_the_first_n_of_each_class(tmp_path):
+    s = generate(tmp_path / "d", num_classes=3, train_per_class=5, labeled_per_class=2, val_per_class=1,
+                 image_size=32)
+    train = (tmp_path / "d" / "train_list.txt").read_text().splitlines()
+    labeled = (tmp_path / "d" / "labeled_list.txt").read_text().splitlines()
+    assert labeled == [line for k, line in enumerate(train) if k % 5 < 2] and s["labeled"]["images"] == 6
+    assert [int(line.split()[1]) for line in labeled] == [0, 0, 1, 1, 2, 2]
+    with pytest.raises(UserError, match="labeled_per_class=6"):
+        generate(tmp_path / "e", num_classes=3, train_per_class=5, labeled_per_class=6, image_size=32)
+
+
+def test_pool_holds_off_topic_scenes_and_mirrored_val_copies(tmp_path):
+    out = tmp_path / "d"
+    s = generate(out, num_classes=4, train_per_class=1, val_per_class=3, image_size=32, unlabeled=40,
+                 unlabeled_empty=0.5, val_copies=4, seed=5)
+    pool = (out / "unlabeled_list.txt").read_text().splitlines()
+    copies = [p for p in pool if Path(p).stem.startswith("copy_")]
+    assert len(pool) == 44 == s["unlabeled"]["images"] and len(copies) == 4
+    assert pool.index(copies[1]) > 5 and pool.index(copies[-1]) < 40     # spread through the pool, not appended
+    off = [demo_data.is_off_topic(5, i, 0.5) for i in range(40)]
+    assert s["unlabeled"]["off_topic"] == sum(off) and 10 < sum(off) < 30
+    for i in range(40):
+        scene = demo_data.unlabeled_scene(5, i, s["classes"], 32, empty=0.5)
+        with_main = demo_data.unlabeled_scene(5, i, s["classes"], 32)
+        assert scene.objects == (with_main.objects[1:] if off[i] else with_main.objects)
+    val = {p.relative_to(out).as_posix(): p for p in (out / "val").rglob("*.jpg")}
+    classes_copied = set()
+    for rel in copies:   # each copy is some val image mirrored (JPEG noise aside), from every class
+        copy = np.asarray(Image.open(out / rel), np.float32)
+        errors = {v: np.abs(copy - np.asarray(Image.open(p), np.float32)[:, ::-1]).mean() for v, p in val.items()}
+        best = min(errors, key=errors.get)
+        assert errors[best] < 12 and sorted(errors.values())[1] > 2 * errors[best]
+        classes_copied.add(best.split("/")[1])
+    assert len(classes_copied) == 4
+    written = json.loads((out / "demo_data.json").read_text())       # written last: the set is complete
+    assert written["unlabeled"] == dict(s["unlabeled"], list="unlabeled_list.txt")
+    assert written["classes"] == s["classes"] and written["train"]["folder"] == "train"
+
+
+def test_presets_on_the_command_line_and_flags_override_them(tmp_path):
+    r = _cli(tmp_path / "d", "--preset", "downstream", "--train-per-class", 1, "--val-per-class", 1)
+    assert r.returncode == 0, r.stderr
+    s = json.loads((tmp_path / "d" / "demo_data.json").read_text())
+    assert s["classes"] == sorted(demo_data.PRESETS["downstream"]["shapes"]) and s["train"]["images"] == 4
+    assert s["image_size"] == demo_data.PRESETS["downstream"]["image_size"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(shapes=["circle", "blob"]), "shapes="), (dict(shapes=["ring", "ring"]), "shapes="),
+    (dict(clutter=1.5), "clutter=1.5"), (dict(unlabeled_empty=-0.1), "unlabeled_empty=-0.1"),
+    (dict(val_copies=99), "val_copies=99"),
+])
+def test_bad_demo_options_are_clear_errors(tmp_path, kwargs, message):
+    with pytest.raises(UserError, match=message):
+        generate(tmp_path / "d", **{**TINY, **kwargs})
