@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import io
 import json
+import os
 import shutil
 import sys
 import time
@@ -237,9 +238,15 @@ def main(argv=None):
     p.add_argument("--until", choices=STEPS, help="stop after this step")
     p.add_argument("--scale", choices=sorted(SCALES), default="demo", help="tiny: seconds, for tests")
     p.add_argument("--quiet", action="store_true", help="trainer output to OUT/demo.log, only steps on the console")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: $OMP_NUM_THREADS, else one less than the cores: a data "
+                        "loader process decodes on the last one)")
     args = p.parse_args(argv)
     if args.seed < 0:
         raise UserError(f"--seed must be >= 0, got {args.seed}")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1, got {args.threads}")
+    set_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain(out, args.seed, args.scale, args.force, args.quiet)
@@ -252,6 +259,16 @@ def main(argv=None):
         print(f"\nreport: {out / 'report.md'}, {out / 'report.png'}, {out / 'summary.json'} "
               f"({summary['seconds']:.0f} s)")
     return summary
+
+
+def set_threads(threads: int | None) -> None:
+    """Small models on few cores: more compute threads than free cores only make them wait on each other."""
+    import torch
+    if threads is None:
+        if os.environ.get("OMP_NUM_THREADS"):
+            return
+        threads = max(1, (os.cpu_count() or 2) - 1)
+    torch.set_num_threads(threads)
 
 
 def run_chain(chain: Chain, until: str | None):
@@ -391,9 +408,7 @@ def plot_report(s: dict, path: Path) -> Path:
 
     def bars(ax, xs, values, colour, label, width, offset):
         b = ax.bar([x + offset for x in xs], values, width, color=colour, label=label, edgecolor="black", lw=0.5)
-        for rect, v in zip(b, values):
-            ax.text(rect.get_x() + rect.get_width() / 2, rect.get_height() + 0.8, f"{v:.1f}", ha="center",
-                    va="bottom", fontsize=8)
+        ax.bar_label(b, fmt="%.1f", padding=2, fontsize=8)
 
     ax = axes[0]
     c = s["classification"]

@@ -10,7 +10,7 @@ from distill.students.artifact import read_meta
 
 
 def run(out, *extra):
-    return demo.main([str(out), "--scale", "tiny", "--quiet", *extra])
+    return demo.main([str(out), "--scale", "tiny", "--quiet", "--threads", "1", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +116,25 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
         run_cli(demo.main, [str(tmp_path), "--seed", "-1"])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and re.fullmatch(r"error: --seed must be >= 0, got -1\n", err)
+
+
+def test_bench_reports_mean_spread_and_a_gap_crossing_zero_as_not_shown():
+    from distill import demo_bench
+
+    def summary(a, b, c):
+        return {"gaps": {"ssld - labels_only (top-1)": a, "mined - unmined ssld (top-1)": b,
+                         "transfer: reduced - uniform, random init": c}}
+
+    runs = {0: summary(10.0, 2.0, -1.0), 1: summary(14.0, -1.0, -3.0), 2: summary(12.0, 5.0, -2.0)}
+    g = demo_bench.aggregate(runs)
+    first = g["ssld - labels_only (top-1)"]
+    assert first["values"] == [10.0, 14.0, 12.0] and first["mean"] == pytest.approx(12.0)
+    assert first["std"] == pytest.approx(2.0) and first["shown"]
+    assert not g["mined - unmined ssld (top-1)"]["shown"]                 # one seed below zero
+    assert g["transfer: reduced - uniform, random init"]["shown"]          # expected negative, and it is
+    result = dict(seeds=[0, 1, 2], machine_start="cpu", load_end="1.0", seconds=[1.0, 2.0, 3.0], gaps=g,
+                  absolute={"top-1: x": [1.0, 2.0, 3.0]})
+    md = demo_bench.format_markdown(result)
+    row = next(line for line in md.splitlines() if line.startswith("| mined - unmined"))
+    assert "+2.00 | -1.00 | +5.00 | +2.00" in row and "crosses zero" in row
+    assert "| yes |" in next(line for line in md.splitlines() if line.startswith("| ssld - labels_only"))
