@@ -219,3 +219,15 @@ def test_resume_takes_a_new_learning_rate_and_more_epochs(tmp_path, demo_root):
     with pytest.raises(ssld.UserError, match=r"another config \(optim.momentum: 0.9 -> 0.5"):
         cfg["optim"]["momentum"] = 0.5
         ssld.main(["-c", write_config(tmp_path, cfg)])
+
+
+def test_an_empty_or_extra_class_folder_is_refused_not_a_label_shift(tmp_path, demo_root, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(demo_root / "train", data / "train")
+    shutil.copytree(demo_root / "val", data / "val")
+    (data / "train" / "aaa_empty").mkdir()   # sorts first: every train label would move up by one
+    cfg = tiny_config(tmp_path, data)
+    with pytest.raises(SystemExit):
+        run_cli(ssld.main, ["-c", write_config(tmp_path, cfg)])
+    err = capsys.readouterr().err
+    assert "class folders differ" in err and "only in" in err and "aaa_empty" in err and len(err.splitlines()) == 1
