@@ -1,4 +1,4 @@
-"""Fault tests: every trainer (and mining) killed with SIGKILL at random points, checkpoint writes included,
+"""Fault tests: every trainer (and mining) killed with SIGKILL during a checkpoint write and at random points,
 then rerun with the same command until it finishes, ends bit for bit where an uninterrupted run ends.
 
 Each run writes a checkpoint after every step, so a good share of the kill points land mid-write. The kill
@@ -36,11 +36,31 @@ def run_to_end(cmd, log_path) -> float:
     return time.monotonic() - t0
 
 
+def kill_during_write(cmd, out_dir: Path, log) -> bool:
+    """Start the command and SIGKILL it the moment an atomic-write temporary appears under out_dir.
+    Returns whether the kill landed while the temporary existed (False: the run ended first)."""
+    proc = start(cmd, log)
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(p.name.startswith(".") and p.name.endswith(".tmp") for p in out_dir.rglob("*")):
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.001)
+    proc.wait()
+    return False
+
+
 def kill_and_resume(cmd, out_dir: Path, duration: float, seed: int) -> list[float]:
-    """SIGKILL the command KILLS times at random moments, rerunning it each time; then let it finish."""
+    """SIGKILL the command once mid-write and KILLS times at random moments, rerunning it each time; then
+    let it finish. Returns the kill times (the mid-write one as -1)."""
     rng = random.Random(seed)
     log_path = out_dir.parent / f"{out_dir.name}.log"
+    out_dir.mkdir(parents=True, exist_ok=True)
     kills = []
+    with open(log_path, "ab") as log:
+        if kill_during_write(cmd, out_dir, log):
+            kills.append(-1)
     for _ in range(KILLS):
         delay = rng.uniform(0.35, 0.95) * duration
         with open(log_path, "ab") as log:
@@ -54,6 +74,7 @@ def kill_and_resume(cmd, out_dir: Path, duration: float, seed: int) -> list[floa
     run_to_end(cmd, log_path)
     leftovers = [p.name for p in out_dir.rglob(".*.tmp")]
     assert not leftovers, f"stale temporary files after the final run: {leftovers}"
+    print(f"{out_dir}: kills {kills}")
     return kills
 
 
@@ -74,7 +95,7 @@ def test_ssld_with_dropout_and_drop_path_survives_kills(tmp_path, demo_root):
     cmd = lambda out: ["-m", "distill.ssld", "-c", config, "--out-dir", str(out)]  # noqa: E731
     duration = run_to_end(cmd(tmp_path / "ref"), tmp_path / "ref.log")
     kills = kill_and_resume(cmd(tmp_path / "cut"), tmp_path / "cut", duration, seed=1)
-    assert kills, "no kill landed before the run ended"
+    assert -1 in kills, "the mid-write kill did not land"
     same_tensors(load_file(tmp_path / "ref" / "run.safetensors"), load_file(tmp_path / "cut" / "run.safetensors"))
 
 
@@ -126,7 +147,6 @@ def test_mining_survives_kills(tmp_path, pool):
                        "--batch-size", "2", "--workers", "0", "--device", "cpu", "--input-size", "32",
                        "--no-progress"]
     duration = run_to_end(cmd(tmp_path / "ref"), tmp_path / "ref.log")
-    (tmp_path / "cut").mkdir()
     kills = kill_and_resume(cmd(tmp_path / "cut"), tmp_path / "cut", duration, seed=4)
     assert kills
     assert (tmp_path / "ref" / "mined.txt").read_text() == (tmp_path / "cut" / "mined.txt").read_text()
