@@ -97,7 +97,7 @@ def previous_path(model: torch.nn.Module) -> torch.nn.Module:
     from .backbone import unfold_frozen_bn
 
     unfold_frozen_bn(model.backbone.body)
-    model.backbone.memory_format = torch.contiguous_format
+    model.backbone.channels_last = False
     return model.to(memory_format=torch.contiguous_format)
 
 

@@ -84,7 +84,7 @@ class DetectionTransform(GeneralizedRCNNTransform):
 def build_detector(cfg: dict, num_classes: int, trunk: nn.Module, meta: dict) -> GeneralizedRCNN:
     """A detector from the `model` section of a detection config and a student trunk with its metadata."""
     backbone = build_backbone(trunk, meta, multipliers=cfg["multipliers"], frozen_bn=cfg["frozen_bn"],
-                              out_channels=cfg["fpn_channels"])
+                              out_channels=cfg["fpn_channels"], channels_last=cfg.get("channels_last"))
     channels, dim = backbone.out_channels, cfg["box_head_dim"]
     prep = meta["preprocessing"]
     transform = DetectionTransform(cfg["train_sizes"], cfg["test_size"], cfg["max_size"], prep["mean"], prep["std"])

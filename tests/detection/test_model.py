@@ -197,6 +197,8 @@ def test_folded_frozen_bn_and_channels_last_keep_outputs_losses_gradients_and_st
                dict(boxes=torch.tensor([[30.0, 20.0, 90.0, 50.0]]), labels=torch.tensor([2]))]
 
     fast.eval(), slow.eval()
+    assert fast.backbone.memory_format == torch.channels_last          # channels_last at inference
+    assert slow.backbone.memory_format == torch.contiguous_format
     with torch.inference_mode():
         a, b = fast(images), slow(images)
         fa, fb = fast.backbone(torch.stack(images)), slow.backbone(torch.stack(images))
