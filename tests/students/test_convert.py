@@ -11,7 +11,8 @@ import timm
 import torch
 
 from distill.students.artifact import load_student, read_meta
-from distill.students.convert import MODULE_MAPS, ConversionError, convert_state_dict, get_paddle_arch, main
+from distill.convert import main
+from distill.students.convert import MODULE_MAPS, ConversionError, convert_state_dict, get_paddle_arch
 from distill.students.pdparams import PdparamsError, load_pdparams
 
 REPO = Path(__file__).resolve().parents[2]
