@@ -47,7 +47,7 @@ from distill.core.distributed import barrier, cleanup, init_distributed
 from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 from distill.core.distributed import gather_objects as gather
 from distill.mine.pool import Pool, open_pool, relative_to, shard_loader
-from distill.mine.teacher import add_teacher_args, load_mining_teacher, untrained_teacher
+from distill.mine.teacher import add_teacher_args, load_mining_teacher, teacher_amp, untrained_teacher
 from distill.mine.mining import stem_path, write_list
 from distill.core.precision import AMP_DTYPES, autocast
 
@@ -371,6 +371,7 @@ def main(argv=None):
                                                            args.pretrained)
         check_teacher_is_trained(args.teacher, teacher.metas, args.allow_untrained_teacher, dist.is_main)
         model = model.eval().to(dist.device)
+        args.amp = teacher_amp(args.amp, dist.device)
         index = build_val_index(val, model, transform, args.batch_size, args.workers, dist.device, args.amp)
         matcher = SiftMatcher(args.sift_size, args.ratio, args.min_inliers, args.min_ncc, args.max_colour_diff,
                               args.ransac_px)

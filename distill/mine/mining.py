@@ -39,7 +39,7 @@ from distill.core.precision import AMP_DTYPES, autocast
 from distill.teacher import Teacher
 from distill.core.distributed import gather_objects as gather
 from .pool import WDS_ID_BITS, Pool, normalized_exclude, open_pool, read_exclude, relative_to, shard_loader
-from .teacher import add_teacher_args, load_mining_teacher
+from .teacher import add_teacher_args, load_mining_teacher, teacher_amp
 from .topk import TopKPerClass
 
 ASSIGN_MODES = ("all", "top1")
@@ -66,16 +66,9 @@ def load_state(path, fingerprint: dict) -> dict | None:
     return state
 
 
-def teacher_amp(amp: str, device) -> str:
-    """`auto`: bf16 autocast where the device has bf16 matrix units (CUDA), fp32 elsewhere."""
-    if amp == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "none"
-    return amp
-
-
 def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: int, assign: str,
               batch_size: int, workers: int, dist, state_path: Path, fingerprint: dict, fresh: bool = False,
-              exclude=frozenset(), amp: str = "none", progress: bool = True) -> dict:
+              exclude=frozenset(), amp: str = "off", progress: bool = True) -> dict:
     """Mine this rank's shards, resuming from state_path; returns the rank's top-k, names and counts."""
     amp_dtype = AMP_DTYPES[teacher_amp(amp, dist.device)]
     topk = TopKPerClass(num_classes, k, dist.device)  # on the GPU when there is one: the sorts are per batch
@@ -299,7 +292,7 @@ def main(argv=None):
                             "resume it with that many, or pass --fresh to start over")
         fingerprint = dict(pool=os.path.abspath(args.pool), pool_size=pool.size, shards=pool.num_shards,
                            shard_size=pool.shard_size, teacher=list(args.teacher), k=args.k, assign=args.assign,
-                           input_size=args.input_size, num_classes=num_classes, amp=args.amp,
+                           input_size=args.input_size, num_classes=num_classes, amp=teacher_amp(args.amp, dist.device),
                            exclude=len(exclude))
         if dist.is_main:
             print(f"mine: teacher {', '.join(args.teacher)} ({num_classes} classes) over {pool.describe()}; "

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distill.data import UNLABELED, WDS_IMAGE_KEYS, list_source, wds_source
-from distill.core.images import ListDataset, Skipped, UnreadableImage, collate_skipping, load_rgb
+from distill.core.images import ListDataset, Skipped, UnreadableImage, collate_skipping, load_transformed
 from distill.core.errors import UserError
 
 WDS_ID_BITS = 32                        # a WebDataset image's id: shard << 32 | position in the shard
@@ -72,7 +72,7 @@ class Pool:
             try:
                 if key is None:
                     raise UnreadableImage(f"{name}: no image ({'/'.join(WDS_IMAGE_KEYS)}) in the sample")
-                item = transform(load_rgb(data))
+                item = load_transformed(data, transform)  # reduced-size JPEG decoding where it can
             except (UnreadableImage, ValueError) as e:
                 item = Skipped(name, str(e))
             yield (shard << WDS_ID_BITS) | pos, name, item, data if raw else None

@@ -59,7 +59,14 @@ def add_teacher_args(parser):
     parser.add_argument("--batch-size", type=number_in(int, 1), default=64)
     parser.add_argument("--workers", type=number_in(int, 0), default=2, help="DataLoader workers per process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
+                        help="teacher autocast: auto = bf16 on CUDA, off on CPU")
     parser.add_argument("--shard-size", type=number_in(int, 1), default=4096,
                         help="images per shard of a folder/list pool (a WebDataset tar is one shard)")
 
+
+def teacher_amp(amp: str, device) -> str:
+    """`auto`: bf16 autocast where the device has bf16 matrix units (CUDA), fp32 elsewhere."""
+    if amp == "auto":
+        return "bf16" if torch.device(device).type == "cuda" else "off"
+    return amp
