@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from distill.core.atomic import atomic_write
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.demo_data import PRESETS, generate, is_off_topic
 from distill.students.zoo import RESNET_TRANSFER
 
@@ -222,7 +222,7 @@ def pool_stats(out: Path, seed: int, empty: float) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m distill.demo", description=__doc__.splitlines()[0],
+    p = ArgumentParser(prog="python -m distill.demo", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("out", help="folder for data, runs, artifacts and the report (e.g. runs/demo)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data and every trainer (default 0)")

@@ -8,7 +8,6 @@ claim is only as good as its worst seed. Writes OUT/bench.json and OUT/bench.md 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -16,7 +15,7 @@ import statistics
 from pathlib import Path
 
 from distill.core.atomic import atomic_write
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill import demo
 
 # Gaps whose claim is a loss, not a gain (reduced multipliers should hurt a random init).
@@ -87,7 +86,7 @@ def absolute(runs: dict[int, dict]) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m distill.demo_bench", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="python -m distill.demo_bench", description=__doc__.splitlines()[0])
     p.add_argument("out", help="folder: one demo per seed under OUT/seed<N>, then bench.json and bench.md")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
     p.add_argument("--scale", choices=sorted(demo.SCALES), default="demo")

@@ -390,16 +390,16 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
             raise UserError(f"demo data: shapes={shapes!r}; expected distinct names from {', '.join(SHAPES)}")
         num_classes = len(shapes)
     _check("num_classes", num_classes, 1, len(SHAPES))
-    for name, value in (("clutter", clutter), ("unlabeled_empty", unlabeled_empty)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise UserError(f"demo data: {name}={value!r}, expected a number in 0..1")
-    _check("val_copies", val_copies, 0)
-    _check("labeled_per_class", labeled_per_class, 0, train_per_class)
     _check("train_per_class", train_per_class, 1)
     _check("val_per_class", val_per_class, 1)
     _check("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
     _check("seed", seed, 0)
     _check("unlabeled", unlabeled, 0)
+    for name, value in (("clutter", clutter), ("unlabeled_empty", unlabeled_empty)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise UserError(f"demo data: {name}={value!r}, expected a number in 0..1")
+    _check("val_copies", val_copies, 0)
+    _check("labeled_per_class", labeled_per_class, 0, train_per_class)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise UserError(f"demo data: {out} exists and is not a directory")
