@@ -132,7 +132,7 @@ def torchvision_model(size: int = 640) -> torch.nn.Module:
 
 
 def demo_batch(batch: int, device, size: int = 640):
-    from distill.demo_data import generate
+    from distill.core.demo_data import generate
 
     with tempfile.TemporaryDirectory() as tmp:
         generate(tmp, num_classes=8, train_per_class=1, val_per_class=1, image_size=size, seed=0)

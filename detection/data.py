@@ -76,7 +76,8 @@ def split_paths(data: dict, split: str) -> tuple[Path, Path]:
 
 def read_json(path: Path) -> dict:
     if not path.is_file():
-        hint = " (make the demo data with: python -m distill.demo_data runs/detection/data)" if "demo" in str(path) else ""
+        hint = (f" (make the demo data with: python -m distill.demo_data {path.parent.parent} --preset demo)"
+                if "demo" in str(path) else "")
         raise AnnotationError(f"annotation file not found: {path}{hint}")
     try:
         data = json.loads(path.read_text())

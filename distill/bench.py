@@ -292,7 +292,7 @@ def main(argv=None):
     with contextlib.ExitStack() as stack:
         data = args.data
         if data is None:
-            from distill.demo_data import generate
+            from distill.core.demo_data import generate
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ssld_bench_"))
             generate(tmp, num_classes=8, train_per_class=max(8, args.batch // 4), val_per_class=1,
                      image_size=max(64, min(args.size, 256)))

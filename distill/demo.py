@@ -32,7 +32,7 @@ from pathlib import Path
 
 from distill.core.atomic import atomic_write
 from distill.core.errors import ArgumentParser, UserError, run_cli
-from distill.demo_data import PRESETS, generate, is_off_topic
+from distill.core.demo_data import PRESETS, generate, is_off_topic
 from distill.students.zoo import RESNET_TRANSFER
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

@@ -16,7 +16,7 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """4 classes x (12 train + 6 val) images at 64 px, ImageFolder + list files + COCO json."""
-    from distill.demo_data import generate
+    from distill.core.demo_data import generate
 
     root = tmp_path_factory.mktemp("demo")
     generate(root, num_classes=4, train_per_class=12, val_per_class=6, image_size=64, seed=0)

@@ -29,11 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Trainers whose rows are enabled. The lead adds a name here when its engine port lands.
 TRAINERS_READY: set[str] = {"distill.ssld", "transfer.finetune", "detection.train"}
 # Rows that need a change in a file this catalogue's owner does not own: skipped, with the change named.
-OWNER_FIX = {  # rows whose fix is pending in a file this catalogue's owner does not hold (none now)
-    "demo-bad-until": "distill/demo.py: build the parser with distill.core.errors.ArgumentParser",
-    "demo-data-negative-count": "distill/demo_data.py: --train-per-class -1 says 'labeled_per_class=0, expected "
-                                "an integer in 0..-1'; name the flag and a range that holds",
-}
+OWNER_FIX: dict = {}  # rows whose fix is pending in another file (none now): id -> the fix
 NO_NETWORK = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": "",
               "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
 ROW_TIMEOUT_S = 60

@@ -134,7 +134,7 @@ def test_detection_survives_kills(tmp_path, demo_root):
 
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
-    from distill.demo_data import generate
+    from distill.core.demo_data import generate
 
     root = tmp_path_factory.mktemp("pool")
     generate(root, num_classes=4, train_per_class=2, val_per_class=1, image_size=32, seed=2, unlabeled=48)

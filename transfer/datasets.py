@@ -433,7 +433,6 @@ SPECS = {s.name: s for s in [
                 _read_food101, protocol=(75750, 25250)),
 ]}
 TEN = tuple(SPECS)
-DEMO_SIZE = dict(num_classes=8, train_per_class=60, val_per_class=20, image_size=96, seed=0)
 
 
 def dataset_names() -> str:
@@ -453,12 +452,13 @@ def _check_present(spec: DatasetSpec, root: Path, download: bool) -> None:
 
 
 def _demo_root(root: Path) -> Path:
-    """The generated demo data under ROOT/demo, written on first use (it is procedural, not a download)."""
+    """The demo downstream task (4 shapes the demo students never saw, 10 labels each) under ROOT/demo,
+    generated on first use: it is procedural, not a download."""
     path = root / "demo"
-    if not (path / "train").is_dir():
-        from distill.demo_data import format_summary, generate
-        print(f"demo data not found in {path}: generating it ({DEMO_SIZE})", flush=True)
-        print(format_summary(generate(path, **DEMO_SIZE, overwrite=True)), flush=True)
+    if not (path / "demo_data.json").is_file():  # written last: its absence means missing or incomplete
+        from distill.core.demo_data import PRESETS, format_summary, generate
+        print(f"demo data not found in {path}: generating the downstream preset", flush=True)
+        print(format_summary(generate(path, **PRESETS["downstream"], overwrite=True)), flush=True)
     return path
 
 

@@ -19,7 +19,7 @@ from distill.core.progress import Progress
 from distill.students.artifact import save_student, ssld_home
 from distill.students.convert import PADDLE_ARCHS, _sha256, convert_pdparams
 from distill.students.pdparams import PdparamsError
-from distill.students.published import (DEFAULT_BASE_URL, PUBLISHED, DownloadError, PublishedStudent,  # noqa: F401
+from distill.students.published import (BASE_URL_ENV, DEFAULT_BASE_URL, PUBLISHED, DownloadError, PublishedStudent,  # noqa: F401
                                         convert_command, get_published, url_for)
 
 CHUNK = 1 << 16

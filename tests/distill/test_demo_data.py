@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill import demo_data
-from distill.demo_data import SHAPES, Fill, Scene, SceneObject, generate, labeled_scene, object_mask, render_scene
+from distill.core import demo_data
+from distill.core.demo_data import SHAPES, Fill, Scene, SceneObject, generate, labeled_scene, object_mask, render_scene
 from distill.core.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[2]

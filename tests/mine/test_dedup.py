@@ -36,7 +36,7 @@ def plant_copy(src: Path, kind: str, n: int) -> Image.Image:
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory):
     """Pool = 12 planted copies of val images (3 of each kind) + 24 distinct demo images."""
-    from distill.demo_data import generate
+    from distill.core.demo_data import generate
 
     root = tmp_path_factory.mktemp("dedup")
     generate(root / "data", num_classes=4, train_per_class=1, val_per_class=3, image_size=64, seed=3, unlabeled=24)

@@ -30,7 +30,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def pool_root(tmp_path_factory):
     """Demo shapes: 4 classes x 3 train images and 40 unlabeled pool images at 32 px."""
-    from distill.demo_data import generate
+    from distill.core.demo_data import generate
 
     root = tmp_path_factory.mktemp("mine")
     generate(root / "data", num_classes=CLASSES, train_per_class=3, val_per_class=1, image_size=32, seed=1,
