@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from distill.students import zoo
 from distill.students.artifact import build_meta
+from distill.core.benchmark import machine_line, synchronize
 from distill.core.errors import run_cli
 
 from .coco_eval import coco_box_metrics
@@ -33,11 +33,6 @@ from .model import RPN_POST_NMS_TRAIN, build_detector
 
 BACKBONES = {"r50_vd": "resnet50d", "mv3": "mobilenetv3_large_100"}
 NUM_CLASSES = 80
-
-
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class Timed:
@@ -179,18 +174,10 @@ def bench_coco_eval(num_images: int) -> dict:
     return dict(out, images=num_images, detections=len(dets))
 
 
-def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    import os
-    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads")
-
-
 def report(rows, coco, device, batch, iters, size=640) -> str:
     w = equal_work()
     clock = "wall time" if device.type == "cuda" else "process CPU time"
-    lines = [f"Device: {machine(device)}; torch {torch.__version__}; batch {batch} at {size} px "
+    lines = [f"Device: {machine_line(device)}; batch {batch} at {size} px "
              f"(demo scenes, {size}x{size}); mean {clock} of {iters} alternating iterations after warm-up.",
              f"Equal work: every Faster R-CNN row, torchvision's included, keeps {w['rpn_pre_nms_top_n_train']} "
              f"pre-NMS proposals per level and {w['rpn_post_nms_top_n_train']} post-NMS per image in training "
@@ -258,7 +245,7 @@ def main(argv=None) -> str:
         Path(args.out).write_text("# Detection benchmarks\n\n" + text + "\n")
     if args.json:
         import json
-        Path(args.json).write_text(json.dumps(dict(rows=rows, coco=coco, machine=machine(device)), indent=2))
+        Path(args.json).write_text(json.dumps(dict(rows=rows, coco=coco, machine=machine_line(device)), indent=2))
     return text
 
 

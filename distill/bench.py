@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from distill.students import zoo
 from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
 from distill.data import TrainStream, folder_source
 from distill.core.images import build_transform, collate_skipping, normalize_on_device
+from distill.core.benchmark import machine_line, synchronize
 from distill.core.errors import UserError, run_cli
 from distill.losses import DistillLoss, ssld_loss
 from distill.core.precision import Precision
@@ -49,11 +49,6 @@ def batches_forever(stream, loader):
         epoch += 1
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class TimedLoop:
     """A training step plus its batch iterator; `run(n)` adds n timed iterations to the totals."""
 
@@ -63,7 +58,7 @@ class TimedLoop:
         self.images = 0
 
     def run(self, n: int, timed: bool = True) -> None:
-        sync(self.device)
+        synchronize(self.device)
         start, wait, images = time.perf_counter(), 0.0, 0
         for _ in range(n):
             t0 = time.perf_counter()
@@ -71,7 +66,7 @@ class TimedLoop:
             wait += time.perf_counter() - t0
             self.step(batch_images, labels)
             images += len(batch_images)
-        sync(self.device)
+        synchronize(self.device)
         if timed:
             self.seconds += time.perf_counter() - start
             self.wait += wait
@@ -119,14 +114,6 @@ def build_pair(teacher_name, student_name, num_classes, device):
     return teacher, student
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    import os
-    return (f"CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-            f"{torch.get_num_threads()} torch threads (torch {torch.__version__})")
-
-
 def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, warmup=5, workers=4,
           amp="auto", channels_last=None, compile_model=False, device="auto", rounds: int = 4) -> dict:
     device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -136,7 +123,7 @@ def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, wa
     if channels_last is None:
         channels_last = device.type == "cuda"
     num_classes = len(folder_source(data_dir).classes)
-    results = dict(machine=machine(), device=str(device), teacher=teacher_name, student=student_name,
+    results = dict(machine=machine_line(device), device=str(device), teacher=teacher_name, student=student_name,
                    batch=batch, size=size, steps=steps, workers=workers,
                    kit_settings=dict(amp=amp, channels_last=channels_last, compile=compile_model))
 
@@ -231,7 +218,7 @@ def loader_bench(data_dir, size: int = 224, batch: int = 64, rounds: int = 4, wo
     base = rows[names[0]]["img_per_s"]
     for row in rows.values():
         row["ratio"] = row["img_per_s"] / base
-    return dict(machine=machine(), size=size, batch=batch, rounds=rounds, workers=workers,
+    return dict(machine=machine_line("cpu"), size=size, batch=batch, rounds=rounds, workers=workers,
                 images=len(reference), rows=rows, clock="process CPU time" if workers == 0 else "wall clock")
 
 

@@ -10,31 +10,16 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 from pathlib import Path
 
 from distill.core.atomic import atomic_write
+from distill.core.benchmark import machine_line
 from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill import demo
 
 # Gaps whose claim is a loss, not a gain (reduced multipliers should hurt a random init).
 EXPECTED_NEGATIVE = {"transfer: reduced - uniform, random init"}
-
-
-def machine_line() -> str:
-    import torch
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"Python {platform.python_version()}; load average {load}")
 
 
 def aggregate(runs: dict[int, dict]) -> dict:

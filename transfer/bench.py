@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from distill.core.benchmark import machine_line, synchronize
 from distill.core.config import Config
 from distill.core.distributed import DistInfo
 from distill.core.engine import RUN_DEFAULTS, Engine
@@ -49,16 +49,11 @@ def reference_train_steps(model, batches, optimizer, criterion, device, amp) -> 
         optimizer.step()
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(run_steps, n_images: int, device) -> float:
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     run_steps()
-    _sync(device)
+    synchronize(device)
     return n_images / (time.perf_counter() - t0)
 
 
@@ -144,21 +139,7 @@ def _bench(backbone, image_size, batch_size, steps, warmup, rounds, num_classes,
                 param_groups=len(ours_opt.param_groups), ours_img_s=round(ours_med, 1),
                 reference_img_s=round(ref_med, 1), ratio=round(ours_med / ref_med, 3),
                 ours_all=[round(v, 1) for v in ours_ips], reference_all=[round(v, 1) for v in ref_ips],
-                machine=machine(device))
-
-
-def machine(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
+                machine=machine_line(device))
 
 
 def markdown_row(r: dict) -> str:
