@@ -13,6 +13,7 @@ import torch.distributed as dist
 from distill.core.atomic import atomic_write
 from distill.core.distributed import is_distributed
 from distill.core.precision import autocast
+from distill.core.progress import Progress
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")   # COCOeval stats[0:6], reported in percent
 
@@ -70,18 +71,23 @@ def gather_lists(items: list) -> list:
 
 
 @torch.no_grad()
-def predict_batches(model, loader, device, category_ids, amp_dtype=None) -> tuple[list[dict], list[str]]:
+def predict_batches(model, loader, device, category_ids, amp_dtype=None,
+                    progress: bool = True) -> tuple[list[dict], list[str]]:
     """COCO results for this rank's images, and the paths that failed to decode."""
     was_training = model.training
     model.eval()
     results, failed = [], []
+    bar = Progress(len(loader.sampler) if hasattr(loader, "sampler") else None, "eval",
+                   enabled=progress and (not is_distributed() or dist.get_rank() == 0))
     for images, targets, bad in loader:
         failed += bad
+        bar.update(len(images) + len(bad))
         if not images:
             continue
         with autocast(device.type, amp_dtype):
             detections = model([im.to(device, non_blocking=True).float().div_(255) for im in images])
         results += to_coco_results(detections, [int(t["image_id"]) for t in targets], category_ids)
+    bar.close()
     model.train(was_training)
     return results, failed
 

@@ -49,6 +49,7 @@ from distill.core.distributed import gather_objects as gather
 from distill.mine.pool import Pool, open_pool, relative_to, shard_loader
 from distill.mine.teacher import add_teacher_args, load_mining_teacher, teacher_amp, untrained_teacher
 from distill.mine.mining import stem_path, write_list
+from distill.core.progress import Progress
 from distill.core.precision import AMP_DTYPES, autocast
 
 
@@ -244,11 +245,15 @@ class SiftMatcher:
 # The pass over the pool, and its outputs.
 
 def find_duplicates(pool: Pool, shards, index: ValIndex, model, transform, matcher: SiftMatcher, *,
-                    cos: float, max_candidates: int, batch_size: int, workers: int, device, amp) -> dict:
+                    cos: float, max_candidates: int, batch_size: int, workers: int, device, amp,
+                    progress: bool = False) -> dict:
     """This rank's removed records and counts."""
     removed, counts = [], dict(images=0, candidates=0, skipped=0)
+    total = pool.size * len(shards) // max(pool.num_shards, 1) if pool.size else None  # this rank's share
+    bar = Progress(total, "dedup", enabled=progress)
     for batch in shard_loader(pool, shards, transform, batch_size, workers, raw=True):
         counts["skipped"] += len(batch["skipped"])
+        bar.update(len(batch["ids"]) + len(batch["skipped"]), removed=len(removed))
         if not len(batch["ids"]):
             continue
         with autocast(device.type, AMP_DTYPES[amp]):
@@ -269,6 +274,7 @@ def find_duplicates(pool: Pool, shards, index: ValIndex, model, transform, match
                     removed.append(dict(pool=name, val=index.paths[val_id], cosine=round(min(cosine, 1.0), 4),
                                         **match))
                     break
+    bar.close()
     return dict(removed=removed, counts=counts)
 
 
@@ -337,6 +343,7 @@ def check_teacher_is_trained(sources, metas, allowed: bool, loud: bool) -> None:
 def parse_args(argv):
     parser = ArgumentParser(prog="python -m distill.mine dedup", description=__doc__.splitlines()[0])
     add_teacher_args(parser)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--pool", required=True, help="folder, list file or WebDataset shards")
     parser.add_argument("--against", required=True, help="evaluation images: a folder or list file")
     parser.add_argument("-o", "--out", required=True, help="kept list to write (OUT_removed.tsv/.png beside)")
@@ -381,7 +388,8 @@ def main(argv=None):
                   file=sys.stderr)
         part = find_duplicates(pool, pool.shards_of_rank(dist.rank, dist.world_size), index, model, transform,
                                matcher, cos=args.cos, max_candidates=args.candidates, batch_size=args.batch_size,
-                               workers=args.workers, device=dist.device, amp=args.amp)
+                               workers=args.workers, device=dist.device, amp=args.amp,
+                               progress=dist.is_main and not args.no_progress)
         parts = gather(part)
         if dist.is_main:
             removed = sorted((r for p in parts for r in p["removed"]), key=lambda r: r["pool"])

@@ -35,6 +35,7 @@ from distill.core.checkpoint import load_checkpoint, save_checkpoint
 from distill.data import UNLABELED, WDS_IMAGE_KEYS, folder_source, list_source
 from distill.core.distributed import barrier, cleanup, init_distributed
 from distill.core.errors import ArgumentParser, UserError, number_in
+from distill.core.progress import Progress
 from distill.core.precision import AMP_DTYPES, autocast
 from distill.teacher import Teacher
 from distill.core.distributed import gather_objects as gather
@@ -83,10 +84,8 @@ def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: i
     if done and dist.is_main:
         print(f"mine: resuming from {state_path.parent}: {len(done)} of {len(mine)} shards of rank 0 done",
               file=sys.stderr)
-    bar = None
-    if progress and dist.is_main and todo:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="mine", unit="shard", dynamic_ncols=True, file=sys.stderr)
+    total = pool.size * len(todo) // max(pool.num_shards, 1) if pool.size else None  # this rank's share
+    bar = Progress(total, "mine", enabled=progress and dist.is_main and bool(todo))
     computed, t0, images_now, warned = [], time.perf_counter(), 0, 0
     loader = shard_loader(pool, todo, transform, batch_size, workers, exclude, pin=dist.device.type == "cuda")
     for batch in loader:
@@ -100,6 +99,7 @@ def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: i
             topk.add_batch(probs, batch["ids"], top1_only=assign == "top1")
             counts["images"] += len(batch["ids"])
             images_now += len(batch["ids"])
+            bar.update(len(batch["ids"]))
             if pool.kind == "wds":   # names of the images that entered the top-k (pruned at shard end)
                 entered = torch.isin(batch["ids"].to(topk.ids.device), topk.ids).tolist()
                 names.update((i, n) for i, n, e in zip(batch["ids"].tolist(), batch["names"], entered) if e)
@@ -111,11 +111,7 @@ def mine_rank(pool: Pool, teacher: Teacher, transform, num_classes: int, *, k: i
                 names = {i: n for i, n in names.items() if i in held}
             save_state(state_path, dict(fingerprint=fingerprint, done=done, topk=topk.state_dict(),
                                         names=names, counts=counts))
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(img_s=f"{images_now / max(time.perf_counter() - t0, 1e-9):.0f}")
-    if bar is not None:
-        bar.close()
+    bar.close()
     seconds = time.perf_counter() - t0
     return dict(topk=topk.state_dict(), names=names, counts=counts, computed=computed,
                 resumed=len(mine) - len(todo), images_now=images_now, seconds=seconds,
