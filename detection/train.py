@@ -21,9 +21,9 @@ import torch.distributed
 
 from distill.core.checkpoint import save_checkpoint
 from distill.core.config import Config, add_trainer_args
-from distill.core.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed
+from distill.core.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed, per_rank_batch
 from distill.core.engine import Engine, StepOutput, Task
-from distill.core.errors import ArgumentParser, UserError, run_cli
+from distill.core.errors import ArgumentParser, run_cli
 from distill.core.precision import AMP_DTYPES
 from distill.core.runlog import plot_metrics
 from distill.core.schedule import build_scheduler, scale_lr
@@ -83,9 +83,7 @@ class DetectionTask(Task):
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_split, self.val_split = train_split, val_split
         batch = cfg["data"]["batch_size"]
-        if batch % dist.world_size:
-            raise UserError(f"data.batch_size={batch} (global) does not divide over {dist.world_size} processes")
-        self.per_rank, self.global_batch = batch // dist.world_size, batch
+        self.per_rank, self.global_batch = per_rank_batch(batch, dist), batch
         self.epochs, self.steps_per_epoch = 1, cfg["schedule"]["iterations"]
         self.val_loader = eval_loader(val_split, max(cfg["data"]["eval_batch_size"] // dist.world_size, 1),
                                       cfg["run"]["workers"], dist.rank, dist.world_size)

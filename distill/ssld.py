@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from distill.core.checkpoint import load_checkpoint
 from distill.core.config import Config, add_trainer_args, load_config, merge
-from distill.core.distributed import cleanup, init_distributed, unwrap
+from distill.core.distributed import cleanup, init_distributed, per_rank_batch, unwrap
 from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, Engine, NonFiniteLoss, StepOutput, Task, check_ranges
 from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.core.images import ListDataset, build_transform, collate_skipping, normalize_on_device
@@ -171,12 +171,6 @@ def load_init(init) -> tuple[dict, dict, str]:
         return ckpt["model"], ckpt["extra"]["meta"], str(init)
     path = resolve_student(init)
     return load_file(str(path)), read_meta(path), str(path)
-
-
-def per_rank_batch(global_batch: int, dist) -> int:
-    if global_batch % dist.world_size:
-        raise UserError(f"data.batch_size={global_batch} (global) does not divide over {dist.world_size} processes")
-    return global_batch // dist.world_size
 
 
 def build_train_loader(cfg, sources, dist):

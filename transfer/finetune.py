@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Subset
 from distill.core.atomic import atomic_write
 from distill.core.config import Config, add_trainer_args, load_config
 from distill.core.cross_entropy import hard_ce_loss
-from distill.core.distributed import DistInfo, barrier, cleanup, init_distributed
+from distill.core.distributed import DistInfo, barrier, cleanup, init_distributed, per_rank_batch
 from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, Engine, NonFiniteLoss, StepOutput, Task, check_ranges
 from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.core.images import build_transform, collate_skipping
@@ -287,10 +287,9 @@ def set_train_mode(model: nn.Module, phase: str, bn_stats: bool) -> None:
                 m.train()
 
 
-def per_rank_batch(batch_size: int, n_train: int, dist: DistInfo, name: str) -> int:
-    if batch_size % dist.world_size:
-        raise UserError(f"{name}={batch_size} is not divisible by the {dist.world_size} processes")
-    per_rank = batch_size // dist.world_size
+def fitting_batch(batch_size: int, n_train: int, dist: DistInfo, name: str) -> int:
+    """This rank's share of the global batch, capped so a tiny training set still makes one step."""
+    per_rank = per_rank_batch(batch_size, dist, name)
     fit = n_train // dist.world_size
     if per_rank > fit:
         if dist.is_main:
@@ -357,7 +356,7 @@ class FinetuneTask(Task):
         prep = run.meta["preprocessing"]
         tf = transform("test", prep, self.size) if fix else transform("random_crop", prep, self.size, res.crop_scale)
         self.global_batch = (cfg.fix.batch_size or cfg.data.batch_size) if fix else cfg.data.batch_size
-        batch = per_rank_batch(self.global_batch, len(run.fit_split), dist,
+        batch = fitting_batch(self.global_batch, len(run.fit_split), dist,
                                "fix.batch_size" if fix else "data.batch_size")
         self.global_batch = batch * dist.world_size
         self.loader = resumable_loader(run.fit_split.with_transform(tf), batch, cfg.run.seed + (1 if fix else 0),

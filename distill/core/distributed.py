@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import UserError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -81,3 +83,10 @@ def gather_objects(obj) -> list:
     out = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def per_rank_batch(global_batch: int, info: DistInfo, key: str = "data.batch_size") -> int:
+    """Batch sizes are global everywhere: each of the world_size processes takes an equal share."""
+    if global_batch % info.world_size:
+        raise UserError(f"{key}={global_batch} (global) does not divide over {info.world_size} processes")
+    return global_batch // info.world_size
