@@ -10,7 +10,6 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.layers import freeze_batch_norm_2d  # torchvision FrozenBatchNorm2d; timm FrozenBatchNormAct2d for BN+act
 from timm.layers.norm_act import FrozenBatchNormAct2d
 from timm.models._features import FeatureGetterNet

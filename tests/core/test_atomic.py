@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distill.core import atomic
-from distill.core.atomic import OutputError, atomic_write, remove_stale_temporaries
+from distill.core.atomic import atomic_write, remove_stale_temporaries
 from distill.core.checkpoint import save_checkpoint
 from distill.core.errors import INTACT, UserError, run_cli
 
