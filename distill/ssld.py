@@ -23,7 +23,7 @@ from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, Engine, NonFiniteLoss,
 from distill.core.errors import ArgumentParser, UserError, run_cli
 from distill.core.images import ListDataset, build_transform, collate_skipping, normalize_on_device
 from distill.core.metrics import evaluate_classifier
-from distill.core.precision import Precision, check_amp
+from distill.core.precision import AMP_DTYPES, Precision, check_amp
 from distill.core.runlog import plot_metrics
 from distill.core.schedule import build_scheduler, scale_lr
 from distill.data import TrainStream, build_sources, check_class_lists, infer_num_classes
@@ -286,7 +286,7 @@ class DistillTask(Task):
 
     def evaluate(self, net) -> dict:
         out = {}
-        amp = Precision(self.cfg.run.amp, self.dist.device).dtype
+        amp = AMP_DTYPES[self.cfg.run.amp]
         for size, loader in self.val_loaders.items():
             if self.cfg.run.channels_last:
                 loader = ((x.contiguous(memory_format=torch.channels_last), *rest) for x, *rest in loader)

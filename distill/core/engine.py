@@ -151,7 +151,7 @@ class Engine:
         # right: a finished 2-iteration detection run asked for 4 continues at iteration 2 of its one epoch.
         epoch, batch = divmod(saved["iteration"], task.steps_per_epoch)
         self.state = TrainState(epoch, batch, saved["iteration"], list(saved["results"]),
-                                saved["skipped"][self.dist.rank] if isinstance(saved["skipped"], list) else 0)
+                                saved["skipped"][self.dist.rank])
         task.load_extra_state(ckpt.get("extra", {}))
         changed = ckpt.get("changed", {})
         self.say(f"resumed from {self.ckpt_path}: epoch {self.state.epoch + 1}, iteration {self.state.batch} "
@@ -160,7 +160,7 @@ class Engine:
 
     def save(self) -> None:
         """Every rank joins (its RNG state is gathered); rank 0 writes, after the non-finite check."""
-        self.check_finite("before a checkpoint")
+        self.check_finite()
         state = asdict(self.state)
         state["skipped"] = gather_objects(self.state.skipped)
         rngs = gather_objects(capture_rng())
@@ -177,7 +177,7 @@ class Engine:
 
     # --- the non-finite guard -------------------------------------------------------------------------
 
-    def check_finite(self, where: str = "") -> None:
+    def check_finite(self) -> None:
         bad = all_reduce_sum(self._bad.clone().reshape(1))
         if float(bad) > 0:
             self._raise_non_finite()
