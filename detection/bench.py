@@ -1,7 +1,7 @@
 """Detection speed, side by side in one run: train s/iter and img/s, eval img/s for Faster / Cascade x
 r50_vd / mv3_large at 640 px, batch 2, next to torchvision's fasterrcnn_resnet50_fpn on the same input
 at equal work (its proposal counts and RoI sampling set to ours), and next to our own previous path
-(FrozenBN unfolded, NCHW); then COCO-eval time of faster-coco-eval vs pycocotools on the same detections.
+(FrozenBN unfolded, NCHW, torchvision's CPU RoIAlign); then COCO-eval time of faster-coco-eval vs pycocotools on the same detections.
 
     python -m detection.bench [--iters 3 --warmup 1 --device cuda --out detection_bench.md]
 
@@ -32,6 +32,7 @@ from .data import load_coco, read_image
 from .model import RPN_POST_NMS_TRAIN, build_detector
 
 BACKBONES = {"r50_vd": "resnet50d", "mv3": "mobilenetv3_large_100"}
+OURS, PREVIOUS = "(ours)", "(ours, previous path: BN unfolded, NCHW, torchvision RoIAlign)"
 NUM_CLASSES = 80
 
 
@@ -88,11 +89,13 @@ def bench_models(makers: dict, images, targets, device, iters: int, warmup: int)
 
 
 def previous_path(model: torch.nn.Module) -> torch.nn.Module:
-    """The same detector as it ran before FrozenBN folding and channels_last: the reference row."""
+    """The same detector as it ran before FrozenBN folding, channels_last and the sparse RoIAlign: the
+    reference row."""
     from .backbone import unfold_frozen_bn
 
     unfold_frozen_bn(model.backbone.body)
     model.backbone.channels_last = False
+    model.roi_heads.box_roi_pool.sparse = False
     return model.to(memory_format=torch.contiguous_format)
 
 
@@ -189,12 +192,12 @@ def report(rows, coco, device, batch, iters, size=640) -> str:
         lines.append(f"| {name} | {r['train_s_iter']:.3f} | {r['train_img_s']:.2f} | {r['eval_img_s']:.2f} |")
     lines.append("")
     for name in rows:
-        before = rows.get(name.replace("(ours)", "(ours, previous path: BN unfolded, NCHW)"))
-        if name.endswith("(ours)") and before:
-            lines.append(f"- {name.replace(' (ours)', '')}: train {before['train_s_iter'] / rows[name]['train_s_iter']:.2f}x, "
+        before = rows.get(name.replace(OURS, PREVIOUS))
+        if name.endswith(OURS) and before:
+            lines.append(f"- {name.replace(' ' + OURS, '')}: train {before['train_s_iter'] / rows[name]['train_s_iter']:.2f}x, "
                          f"eval {rows[name]['eval_img_s'] / before['eval_img_s']:.2f}x the previous path")
     tv = rows.get("torchvision fasterrcnn_resnet50_fpn (equal work)")
-    ours = rows.get("faster R-CNN r50_vd-FPN (ours)")
+    ours = rows.get(f"faster R-CNN r50_vd-FPN {OURS}")
     if tv and ours:
         lines.append(f"- faster R-CNN r50_vd-FPN vs torchvision R50-FPN at equal work: train "
                      f"{tv['train_s_iter'] / ours['train_s_iter']:.2f}x, eval {ours['eval_img_s'] / tv['eval_img_s']:.2f}x "
@@ -228,9 +231,9 @@ def main(argv=None) -> str:
     makers = {}
     for bb in args.backbones:
         for arch in args.archs:
-            makers[f"{arch} R-CNN {bb}-FPN (ours)"] = lambda a=arch, b=bb: our_model(a, b, args.size)
+            makers[f"{arch} R-CNN {bb}-FPN {OURS}"] = lambda a=arch, b=bb: our_model(a, b, args.size)
             if not args.no_previous:
-                makers[f"{arch} R-CNN {bb}-FPN (ours, previous path: BN unfolded, NCHW)"] = \
+                makers[f"{arch} R-CNN {bb}-FPN {PREVIOUS}"] = \
                     lambda a=arch, b=bb: previous_path(our_model(a, b, args.size))
     if not args.no_torchvision:
         makers["torchvision fasterrcnn_resnet50_fpn (equal work)"] = lambda: torchvision_model(args.size)

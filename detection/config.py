@@ -12,13 +12,15 @@ from distill.students.stages import parse_multipliers
 from .model import ARCHS
 
 DEFAULTS = {
-    "run": dict(RUN_DEFAULTS, out_dir="runs/detection", workers=2, log_period=20, checkpoint_period=5000),
+    # channels_last: the detector's convolutions run NHWC in training and at test (oneDNN and cuDNN's layout;
+    # with the sparse RoIAlign it also spares two copies of every pooled map: docs/benchmarks.md)
+    "run": dict(RUN_DEFAULTS, out_dir="runs/detection", workers=2, log_period=20, checkpoint_period=5000,
+                channels_last=True),
     "model": {
         "arch": "faster",                 # faster | cascade
         "backbone": "r50_vd_ssld",        # student artifact (name or path), or timm:ARCH
         "pretrained": False,              # timm:ARCH only: start from timm's ImageNet weights (needs network)
         "frozen_bn": None,                # null: FrozenBN when the trunk has trained weights, else trainable BN
-        "channels_last": None,            # backbone memory format; null: channels_last at inference only
         "multipliers": None,              # 5 per-stage lr multipliers; null: the artifact's recommended.detection
         "fpn_channels": 256,
         "box_head_dim": 1024,
@@ -88,8 +90,6 @@ def check_config(cfg: dict) -> None:
     cfg["run"]["amp"] = check_amp(cfg["run"]["amp"])
     if m["arch"] not in ARCHS:
         raise ConfigError(f"model.arch={m['arch']!r}; expected one of {', '.join(ARCHS)}")
-    if m["channels_last"] not in (None, True, False):
-        raise ConfigError(f"model.channels_last={m['channels_last']!r}; expected null, true or false")
     if m["multipliers"] is not None:
         m["multipliers"] = parse_multipliers(m["multipliers"])
     if not m["train_sizes"] or any(not isinstance(s, int) or s < 32 for s in m["train_sizes"]):

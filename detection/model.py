@@ -17,7 +17,6 @@ from torchvision.models.detection.faster_rcnn import TwoMLPHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
-from torchvision.ops import roi_align
 from torchvision.ops.poolers import LevelMapper
 
 from distill.students import zoo
@@ -25,6 +24,7 @@ from distill.students import zoo
 from .backbone import LEVELS, STRIDES, build_backbone
 from .box_heads import BoxPredictor, FastRCNNHeads
 from .cascade import CascadeRoIHeads
+from .roi_align import multilevel_roi_align
 
 ARCHS = ("faster", "cascade")
 RPN_POST_NMS_TRAIN = {"faster": 1000, "cascade": 2000}  # detectron2 Base-RCNN-FPN / Cascade configs
@@ -32,28 +32,22 @@ RPN_POST_NMS_TRAIN = {"faster": 1000, "cascade": 2000}  # detectron2 Base-RCNN-F
 
 class AlignedMultiScaleRoIAlign(nn.Module):
     """torchvision's MultiScaleRoIAlign with aligned=True (pixel centres shifted by -0.5: detectron2
-    ROIAlignV2) and sampling_ratio 0 (adaptive). Levels by FPN eq. 1: k = floor(4 + log2(sqrt(wh)/224))."""
+    ROIAlignV2) and sampling_ratio 0 (adaptive), on the CPU as a sparse matrix (detection.roi_align).
+    Levels by FPN eq. 1: k = floor(4 + log2(sqrt(wh)/224))."""
 
-    def __init__(self, featmap_names=LEVELS, strides=STRIDES, output_size: int = 7, sampling_ratio: int = 0):
+    def __init__(self, featmap_names=LEVELS, strides=STRIDES, output_size: int = 7):
         super().__init__()
         self.featmap_names = list(featmap_names)
         self.scales = [1.0 / s for s in strides]
         levels = [int(torch.tensor(float(s)).log2()) for s in strides]
         self.map_levels = LevelMapper(levels[0], levels[-1])
-        self.output_size = (output_size, output_size)
-        self.sampling_ratio = sampling_ratio
+        self.output_size = output_size
+        self.sparse = True               # False: torchvision's RoIAlign kernels on the CPU as well
 
     def forward(self, features: dict, boxes: list[torch.Tensor], image_shapes=None) -> torch.Tensor:
-        maps = [features[k] for k in self.featmap_names]
         rois = torch.cat([torch.cat([torch.full_like(b[:, :1], i), b], 1) for i, b in enumerate(boxes)])
-        levels = self.map_levels(boxes)
-        out = maps[0].new_zeros((len(rois), maps[0].shape[1], *self.output_size))
-        for level, (fmap, scale) in enumerate(zip(maps, self.scales)):
-            idx = torch.where(levels == level)[0]
-            pooled = roi_align(fmap, rois[idx], self.output_size, spatial_scale=scale,
-                               sampling_ratio=self.sampling_ratio, aligned=True)
-            out[idx] = pooled.to(out.dtype)
-        return out
+        return multilevel_roi_align([features[k] for k in self.featmap_names], rois, self.map_levels(boxes),
+                                    self.scales, self.output_size, sparse=self.sparse)
 
 
 class L1RegionProposalNetwork(RegionProposalNetwork):
@@ -81,10 +75,12 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return self.train_sizes[int(torch.randint(len(self.train_sizes), ()).item())]
 
 
-def build_detector(cfg: dict, num_classes: int, trunk: nn.Module, meta: dict) -> GeneralizedRCNN:
-    """A detector from the `model` section of a detection config and a student trunk with its metadata."""
+def build_detector(cfg: dict, num_classes: int, trunk: nn.Module, meta: dict, *,
+                   channels_last: bool = True) -> GeneralizedRCNN:
+    """A detector from the `model` section of a detection config and a student trunk with its metadata;
+    `channels_last` is run.channels_last (inference always uses it)."""
     backbone = build_backbone(trunk, meta, multipliers=cfg["multipliers"], frozen_bn=cfg["frozen_bn"],
-                              out_channels=cfg["fpn_channels"], channels_last=cfg.get("channels_last"))
+                              out_channels=cfg["fpn_channels"], channels_last=channels_last)
     channels, dim = backbone.out_channels, cfg["box_head_dim"]
     prep = meta["preprocessing"]
     transform = DetectionTransform(cfg["train_sizes"], cfg["test_size"], cfg["max_size"], prep["mean"], prep["std"])
@@ -96,7 +92,7 @@ def build_detector(cfg: dict, num_classes: int, trunk: nn.Module, meta: dict) ->
         batch_size_per_image=cfg["rpn_batch_per_image"], positive_fraction=0.5,
         pre_nms_top_n=dict(training=cfg["rpn_pre_nms_train"], testing=cfg["rpn_pre_nms_test"]),
         post_nms_top_n=dict(training=post_train, testing=cfg["rpn_post_nms_test"]), nms_thresh=0.7)
-    pool = AlignedMultiScaleRoIAlign(LEVELS, STRIDES, output_size=7, sampling_ratio=0)
+    pool = AlignedMultiScaleRoIAlign(LEVELS, STRIDES, output_size=7)
     common = dict(score_thresh=cfg["score_thresh"], nms_thresh=cfg["nms_thresh"],
                   detections_per_img=cfg["detections_per_image"])
     if cfg["arch"] == "faster":
@@ -110,7 +106,8 @@ def build_detector(cfg: dict, num_classes: int, trunk: nn.Module, meta: dict) ->
             [BoxPredictor(dim, num_classes, class_agnostic=True) for _ in range(stages)],
             ious=cfg["cascade_ious"], weights=cfg["cascade_weights"],
             batch_size_per_image=cfg["roi_batch_per_image"], positive_fraction=0.25, **common)
-    return GeneralizedRCNN(backbone, rpn, heads, transform)
+    model = GeneralizedRCNN(backbone, rpn, heads, transform)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def trunk_from_meta(meta: dict) -> nn.Module:

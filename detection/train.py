@@ -59,7 +59,7 @@ def build_model(cfg: dict, num_classes: int):
     """The detector with the student's weights, and the metadata a checkpoint needs to rebuild it."""
     m = cfg["model"]
     trunk, meta = load_student(m["backbone"], pretrained=m["pretrained"])
-    model = build_detector(m, num_classes, trunk, meta)
+    model = build_detector(m, num_classes, trunk, meta, channels_last=cfg["run"]["channels_last"])
     resolved = dict(m, frozen_bn=model.backbone.frozen_bn, multipliers=model.backbone.multipliers)
     return model, meta, resolved
 

@@ -98,8 +98,10 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tmp_path, demo_root):
 @pytest.mark.parametrize("arch", ["faster", "cascade"])
 def test_overfit_two_images_reaches_ap50_above_0_9(tmp_path, demo_root, arch):
     few = subset(demo_root, tmp_path, 2, "few.json")
+    # 100 iterations: at 60 seed 0 still misses a box (AP50 75) on either RoIAlign path; 100 reach
+    # AP50 100 on seeds 0-3, both archs
     metrics = train(tmp_path / arch, few, few, demo_root, f"model.arch={arch}", "data.batch_size=2",
-                    "schedule.iterations=80", "schedule.steps=[80]", "schedule.warmup_iters=10", "data.hflip=0.0",
+                    "schedule.iterations=100", "schedule.steps=[100]", "schedule.warmup_iters=10", "data.hflip=0.0",
                     "run.log_period=20", "run.checkpoint_period=0")
     assert metrics["AP50"] >= 90.0, metrics
 
