@@ -26,6 +26,16 @@ def check_amp(value, key: str = "run.amp") -> str:
     return "off" if AMP_DTYPES[value] is None else value
 
 
+def native_bf16(device) -> bool:
+    """Whether bf16 matrix products run natively: CUDA, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16,
+    AMX). Elsewhere bf16 autocast is emulated and slower than fp32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    probe = getattr(getattr(torch.ops, "mkldnn", None), "_is_mkldnn_bf16_supported", None)   # private, hence guarded
+    return device.type == "cpu" and probe is not None and bool(probe())
+
+
 def autocast(device_type: str, dtype: torch.dtype | None):
     """torch.autocast for `dtype`, or a no-op context when dtype is None (fp32)."""
     return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()

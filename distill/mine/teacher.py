@@ -8,6 +8,7 @@ import torch
 from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
 from distill.core.images import build_transform
 from distill.core.errors import UserError, number_in
+from distill.core.precision import native_bf16
 from distill.teacher import Teacher, load_teacher_model
 
 def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None = None,
@@ -60,13 +61,15 @@ def add_teacher_args(parser):
     parser.add_argument("--workers", type=number_in(int, 0), default=2, help="DataLoader workers per process")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--amp", default="auto", choices=["auto", "off", "bf16", "fp16"],
-                        help="teacher autocast: auto = bf16 on CUDA, off on CPU")
+                        help="teacher autocast: auto = bf16 where the device has it natively (CUDA, AVX512-BF16 or AMX "
+                             "CPUs), else off")
     parser.add_argument("--shard-size", type=number_in(int, 1), default=4096,
                         help="images per shard of a folder/list pool (a WebDataset tar is one shard)")
 
 
 def teacher_amp(amp: str, device) -> str:
-    """`auto`: bf16 autocast where the device has bf16 matrix units (CUDA), fp32 elsewhere."""
+    """`auto`: bf16 autocast where the device has native bf16 (teacher pass 2.1x on an AVX512-BF16 CPU core;
+    docs/benchmarks.md), fp32 elsewhere."""
     if amp == "auto":
-        return "bf16" if torch.device(device).type == "cuda" else "off"
+        return "bf16" if native_bf16(device) else "off"
     return amp

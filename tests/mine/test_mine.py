@@ -39,9 +39,10 @@ def pool_root(tmp_path_factory):
 
 
 def mine_args(root, out, *extra):
+    """fp32 (`--amp off`): the brute-force oracles score in fp32; bf16 mining has its own test."""
     return [*TEACHER, "--pool", str(root / "data" / "unlabeled_list.txt"), "--k", str(K), "-o", str(out),
             "--shard-size", str(SHARD), "--batch-size", "4", "--workers", "0", "--device", "cpu",
-            "--no-progress", *extra]
+            "--no-progress", "--amp", "off", *extra]
 
 
 def read_lines(path):
@@ -283,7 +284,28 @@ def test_teacher_pass_bench_times_both_loops_on_the_same_images_with_the_same_ou
 
     write_bench_pool(tmp_path, 1000, 16)
     files = sorted((tmp_path / "files").glob("*.jpg"))[:12]
-    r = teacher_pass_bench("timm:test_resnet", 10, files, input_size=32, batch_size=8, device="cpu", rounds=2)
+    r = teacher_pass_bench("timm:test_resnet", 10, files, input_size=32, batch_size=8, device="cpu", rounds=2,
+                           amp="off")
     assert r["images"] == 12 and len(r["img_per_s"]) == 2 and all(v > 0 for v in r["img_per_s"].values())
     assert r["max_prob_diff"] < 1e-5                    # inference mode + channels_last change no number
     assert "channels_last" in format_teacher_pass(r) and "no_grad" in format_teacher_pass(r)
+    half = teacher_pass_bench("timm:test_resnet", 10, files, input_size=32, batch_size=8, device="cpu", rounds=1,
+                              amp="bf16")
+    assert 1e-7 < half["max_prob_diff"] < 1e-2 and "amp bf16" in format_teacher_pass(half)   # bf16 rounding only
+
+
+def test_auto_amp_is_bf16_where_native_and_bf16_mining_is_the_fp32_top_k_up_to_rounding(pool_root, tmp_path):
+    from distill.core.precision import native_bf16
+    from distill.mine.teacher import teacher_amp
+
+    assert teacher_amp("auto", "cuda") == "bf16" and teacher_amp("off", "cuda") == "off"
+    assert teacher_amp("auto", "cpu") == ("bf16" if native_bf16("cpu") else "off")
+    run_cli(mine.main, mine_args(pool_root, tmp_path / "fp32.txt"))
+    run_cli(mine.main, mine_args(pool_root, tmp_path / "bf16.txt", "--amp", "bf16"))
+    fp32 = {tuple(line.split()[:2]): float(line.split()[2]) for line in read_lines(tmp_path / "fp32.txt")}
+    bf16 = [(tuple(line.split()[:2]), float(line.split()[2])) for line in read_lines(tmp_path / "bf16.txt")]
+    kth = {c: min(v for (_, cc), v in fp32.items() if cc == c) for _, c in fp32}
+    assert len(bf16) == len(fp32)
+    for (image, c), score in bf16:          # any swap is between scores within bf16 rounding of the k-th
+        assert fp32.get((image, c), score) == pytest.approx(score, abs=1e-2)
+        assert (image, c) in fp32 or score >= kth[c] - 1e-2
