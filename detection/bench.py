@@ -1,7 +1,8 @@
 """Detection speed, side by side in one run: train s/iter and img/s, eval img/s for Faster / Cascade x
 r50_vd / mv3_large at 640 px, batch 2, next to torchvision's fasterrcnn_resnet50_fpn on the same input
 at equal work (its proposal counts and RoI sampling set to ours), and next to our own previous path
-(FrozenBN unfolded, NCHW, torchvision's CPU RoIAlign); then COCO-eval time of faster-coco-eval vs pycocotools on the same detections.
+(FrozenBN unfolded, NCHW, torchvision's CPU RoIAlign); then COCO-eval time of faster-coco-eval vs
+pycocotools on the same detections.
 
     python -m detection.bench [--iters 3 --warmup 1 --device cuda --out detection_bench.md]
 
