@@ -98,13 +98,13 @@ class _SparsePool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grads = []
+        grads, grad = [], grad.float().contiguous()           # once, not once per level
         with torch.autocast(grad.device.type, enabled=False):
             for a, (b, c, h, w), dtype in zip(ctx.matrices, ctx.shapes, ctx.dtypes):
                 if a is None:
                     grads.append(None)
                     continue
-                g = a.t() @ grad.float().contiguous()          # (B * H * W, C)
+                g = a.t() @ grad                                  # (B * H * W, C)
                 grads.append(g.view(b, h, w, c).permute(0, 3, 1, 2).to(dtype))
         return (None, *grads)
 
