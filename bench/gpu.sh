@@ -37,6 +37,7 @@ mode=$([ "$SMOKE" = 1 ] && echo "smoke (tiny sizes, CPU: not figures)" || echo "
 if [ "$SMOKE" = 1 ]; then
   LOADER="--loader --images 24 --size 64 --batch 8 --rounds 2"
   STEP="--teacher timm:test_resnet --student timm:test_resnet --batch 8 --size 32 --steps 2 --warmup 1 --workers 0 --device cpu"
+  CACHE="--cache --teacher timm:test_resnet --student timm:test_convnext --batch 8 --size 32 --steps 2 --warmup 1 --workers 0 --device cpu --rounds 2"
   MINE="--sizes 1000 --kinds wds --classes 10 --k 5 --batch-size 64 --pass-teacher timm:test_resnet --pass-images 32 --pass-size 32 --pass-batch 16 --rounds 2 --device cpu"
   TRANSFER="--backbone timm:test_resnet --image-size 32 --batch-size 8 --steps 2 --rounds 2 --device cpu"
   DETECTION="--size 128 --batch 1 --iters 1 --warmup 0 --backbones mv3 --archs faster --coco-images 20 --device cpu"
@@ -44,6 +45,7 @@ if [ "$SMOKE" = 1 ]; then
 else
   LOADER="--loader --images 600 --size 224 --batch 64 --rounds 4"
   STEP="--teacher r50_vd --student mv3_large --batch 128 --size 224 --steps 24 --warmup 4 --workers 8"
+  CACHE="--cache --teacher timm:resnet101d --student timm:resnet26d --batch 128 --size 224 --steps 24 --warmup 4 --workers 8 --epochs 4"
   MINE="--sizes 10000 100000 --threads 4 --workers 4 --pass-teacher timm:resnet50d --pass-images 2048 --pass-size 224 --pass-batch 256 --rounds 4 --device cuda"
   TRANSFER="--backbone timm:resnet50d --backbone timm:mobilenetv3_large_100 --image-size 224 --batch-size 64 --steps 10 --rounds 5 --amp bf16 --channels-last --device cuda"
   DETECTION="--iters 10 --warmup 2 --device cuda"
@@ -83,6 +85,7 @@ run() {  # run NAME SECONDS MODULE ARGS...
 
 run loader "$LIMIT" distill.bench $LOADER --json "$OUT/loader.json"
 run distill_step "$LIMIT" distill.bench $STEP --json "$OUT/distill_step.json"
+run label_cache "$LIMIT" distill.bench $CACHE --json "$OUT/label_cache.json"
 run mine "$((LIMIT + 60))" distill.mine bench $MINE --json "$OUT/mine.json"
 run transfer "$LIMIT" transfer.bench $TRANSFER --json "$OUT/transfer.json"
 run detection "$((LIMIT + 60))" detection.bench $DETECTION --json "$OUT/detection.json" --out "$OUT/detection.md"

@@ -18,7 +18,6 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from distill.core.errors import UserError
-from distill.students.decay import matched_weight_decay
 from distill.students.stages import stage_param_groups
 
 STRIDES = (4, 8, 16, 32)
@@ -34,16 +33,6 @@ def has_trained_weights(meta: dict) -> bool:
 def default_multipliers(meta: dict) -> list[float]:
     """The artifact's recommended detection list (r50_vd 0.05..0.15, mv3 0.25..0.75); plain models 1.0."""
     return list((meta.get("recommended") or {}).get("detection") or [1.0] * 5)
-
-
-def matched_decay(meta: dict) -> tuple[float, str]:
-    """(weight decay, where it came from) for SGD: the student's own coupled L2, else 1e-4; refuses AdamW's."""
-    return matched_weight_decay(meta, DEFAULT_WEIGHT_DECAY, flag="-o optim.weight_decay=VALUE")
-
-
-def default_weight_decay(meta: dict) -> float:
-    """Matched L2 decay: the value the student was pretrained with, when it is an SGD-style (coupled) L2."""
-    return matched_decay(meta)[0]
 
 
 def feature_indices(model: nn.Module) -> list[int]:
@@ -147,24 +136,33 @@ def unfold_frozen_bn(model: nn.Module) -> None:
             m.__class__ = back[type(m)]
 
 
-class BackboneFPN(nn.Module):
-    """Trunk features C2-C5 -> FPN P2-P5 plus P6 ("pool"), all with `out_channels` channels.
+def student_body(trunk: nn.Module, family: str, multipliers, frozen_bn: bool):
+    """(features C2-C5, parameter rules, folded BN count): the trunk behind timm's feature getter, its
+    FrozenBN folded in when `frozen_bn`. The rules map each trunk parameter name (relative to `body.model`)
+    to (lr_mult, decay factor, group label), computed by distill.students.stages on the intact classification
+    model: timm's group_matcher rule for generic models counts the classifier, which the feature getter prunes.
+    A zero multiplier freezes its stage. Shared by this detector and detection.detectron2's backbone."""
+    indices = feature_indices(trunk)
+    groups = stage_param_groups(trunk, multipliers, lr=1.0, weight_decay=1.0, family=family)
+    rules = {n: (g["lr_mult"], g["weight_decay"], g["name"]) for g in groups for n in g["names"]}
+    body = FeatureGetterNet(trunk, out_indices=indices)  # prunes the head
+    folded = 0
+    if frozen_bn:  # detectron2 FrozenBN: statistics and affine fixed at the pretrained values
+        body = freeze_batch_norm_2d(body)
+        folded = fold_frozen_bn(body)
+    return body, rules, folded
 
-    `param_rules` maps each trunk parameter name (relative to `body.model`) to (lr_mult, decay factor,
-    group label), computed by distill.students.stages on the intact classification model: timm's group_matcher
-    rule for generic models counts the classifier, which the feature wrapper prunes.
-    """
+
+class BackboneFPN(nn.Module):
+    """Trunk features C2-C5 -> FPN P2-P5 plus P6 ("pool"), all with `out_channels` channels; `param_rules`
+    as `student_body` gives them."""
 
     def __init__(self, trunk: nn.Module, family: str, multipliers, out_channels: int = 256,
                  frozen_bn: bool = True, channels_last: bool = True):
         super().__init__()
-        indices = feature_indices(trunk)
-        groups = stage_param_groups(trunk, multipliers, lr=1.0, weight_decay=1.0, family=family)
-        self.param_rules = {n: (g["lr_mult"], g["weight_decay"], g["name"]) for g in groups for n in g["names"]}
-        self.body = FeatureGetterNet(trunk, out_indices=indices)  # prunes the head
-        if frozen_bn:  # detectron2 FrozenBN: statistics and affine fixed at the pretrained values
-            self.body = freeze_batch_norm_2d(self.body)
-            self.folded_bn = fold_frozen_bn(self.body)
+        self.body, self.param_rules, folded = student_body(trunk, family, multipliers, frozen_bn)
+        if frozen_bn:
+            self.folded_bn = folded
         self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels,
                                          extra_blocks=LastLevelMaxPool())
         self.out_channels = out_channels

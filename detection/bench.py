@@ -1,8 +1,10 @@
 """Detection speed, side by side in one run: train s/iter and img/s, eval img/s for Faster / Cascade x
 r50_vd / mv3_large at 640 px, batch 2, next to torchvision's fasterrcnn_resnet50_fpn on the same input
-at equal work (its proposal counts and RoI sampling set to ours), and next to our own previous path
-(FrozenBN unfolded, NCHW, torchvision's CPU RoIAlign); then COCO-eval time of faster-coco-eval vs
-pycocotools on the same detections.
+at equal work (its proposal counts and RoI sampling set to ours), next to our own previous path
+(FrozenBN unfolded, NCHW, torchvision's CPU RoIAlign) and, when detectron2 is installed, next to the same
+detectors built by detectron2 (detection.detectron2: the same student trunk under its FPN, RPN and heads, the
+same proposal counts and RoI batch); then COCO-eval time of faster-coco-eval vs pycocotools on the same
+detections.
 
     python -m detection.bench [--iters 3 --warmup 1 --device cuda --out detection_bench.md]
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +37,7 @@ from .model import RPN_POST_NMS_TRAIN, build_detector
 
 BACKBONES = {"r50_vd": "resnet50d", "mv3": "mobilenetv3_large_100"}
 OURS, PREVIOUS = "(ours)", "(ours, previous path: BN unfolded, NCHW, torchvision RoIAlign)"
+DETECTRON2 = "(detectron2 engine)"
 NUM_CLASSES = 80
 
 
@@ -107,6 +111,48 @@ def our_model(arch: str, backbone: str, size: int = 640) -> torch.nn.Module:
     cfg = dict(copy.deepcopy(DEFAULTS["model"]), arch=arch, frozen_bn=True, train_sizes=[size], test_size=size,
                max_size=max(size, int(size * 1066 / 640)))
     return build_detector(cfg, NUM_CLASSES, trunk, meta)
+
+
+class Detectron2Call(torch.nn.Module):
+    """A detectron2 model behind the call the timing loop makes: images in [0, 1] (already at the test size,
+    as ours receive them) and targets with labels 1..K in; losses (training) or detections out."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, targets=None):
+        from detectron2.structures import Boxes, Instances
+        from detectron2.utils.events import EventStorage
+
+        inputs = [dict(image=image.mul(255)) for image in images]   # detectron2 normalises 0-255 pixels itself
+        if targets is None:
+            return self.model(inputs)
+        for x, image, t in zip(inputs, images, targets):
+            x["instances"] = Instances(tuple(image.shape[-2:]), gt_boxes=Boxes(t["boxes"]), gt_classes=t["labels"] - 1)
+        with EventStorage():                                       # where its losses log their statistics
+            return self.model(inputs)
+
+
+def detectron2_model(arch: str, backbone: str, device, size: int = 640) -> torch.nn.Module:
+    """The same detector through detection.detectron2 (the kit config translated key by key), random trunk
+    weights with FrozenBN as `our_model`."""
+    import json
+
+    from detectron2.modeling import build_model
+
+    from .detectron2.config import detectron2_config
+
+    entry = zoo.ZOO["mv3_large" if backbone == "mv3" else backbone]
+    meta = build_meta(entry.name, 1000)
+    model_cfg = dict(copy.deepcopy(DEFAULTS["model"]), arch=arch, frozen_bn=True, train_sizes=[size], test_size=size,
+                     max_size=max(size, int(size * 1066 / 640)))
+    cfg = dict(copy.deepcopy(DEFAULTS), model=model_cfg, optim=dict(DEFAULTS["optim"], weight_decay=1e-4))
+    with tempfile.TemporaryDirectory() as tmp:
+        d2 = detectron2_config(cfg, meta, NUM_CLASSES, "", "", tmp, torch.device(device))
+    d2.defrost()
+    d2.MODEL.SSLD.STUDENT_META = json.dumps(meta)     # the architecture at random init, no file needed
+    return Detectron2Call(build_model(d2))
 
 
 def equal_work() -> dict:
@@ -197,6 +243,12 @@ def report(rows, coco, device, batch, iters, size=640) -> str:
         if name.endswith(OURS) and before:
             lines.append(f"- {name.replace(' ' + OURS, '')}: train {before['train_s_iter'] / rows[name]['train_s_iter']:.2f}x, "
                          f"eval {rows[name]['eval_img_s'] / before['eval_img_s']:.2f}x the previous path")
+    for name in rows:
+        ours = rows.get(name.replace(DETECTRON2, OURS))
+        if name.endswith(DETECTRON2) and ours:
+            lines.append(f"- {name.replace(' ' + DETECTRON2, '')}: ours vs the detectron2 engine: train "
+                         f"{rows[name]['train_s_iter'] / ours['train_s_iter']:.2f}x, eval "
+                         f"{ours['eval_img_s'] / rows[name]['eval_img_s']:.2f}x")
     tv = rows.get("torchvision fasterrcnn_resnet50_fpn (equal work)")
     ours = rows.get(f"faster R-CNN r50_vd-FPN {OURS}")
     if tv and ours:
@@ -221,6 +273,7 @@ def main(argv=None) -> str:
     parser.add_argument("--archs", nargs="+", default=["faster", "cascade"], choices=["faster", "cascade"])
     parser.add_argument("--no-previous", action="store_true", help="skip our previous-path rows")
     parser.add_argument("--no-torchvision", action="store_true", help="skip the torchvision row")
+    parser.add_argument("--no-detectron2", action="store_true", help="skip the detectron2 rows (shown when installed)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--coco-images", type=int, default=1000, help="images in the COCO-eval timing (0: skip)")
     parser.add_argument("--out", help="also write the markdown report here")
@@ -236,6 +289,9 @@ def main(argv=None) -> str:
             if not args.no_previous:
                 makers[f"{arch} R-CNN {bb}-FPN {PREVIOUS}"] = \
                     lambda a=arch, b=bb: previous_path(our_model(a, b, args.size))
+            if not args.no_detectron2 and importlib.util.find_spec("detectron2"):
+                makers[f"{arch} R-CNN {bb}-FPN {DETECTRON2}"] = \
+                    lambda a=arch, b=bb: detectron2_model(a, b, args.device, args.size)
     if not args.no_torchvision:
         makers["torchvision fasterrcnn_resnet50_fpn (equal work)"] = lambda: torchvision_model(args.size)
     rows = bench_models(makers, images, targets, device, args.iters, args.warmup)

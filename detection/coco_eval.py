@@ -22,7 +22,7 @@ def to_coco_results(detections: list[dict], image_ids, category_ids) -> list[dic
     """Model outputs (xyxy boxes, labels 1..K) -> COCO result dicts (xywh, category ids)."""
     results = []
     for det, image_id in zip(detections, image_ids):
-        boxes = det["boxes"].detach().float().cpu()
+        boxes = det["boxes"].detach().float().cpu().clone()   # a float CPU tensor would be edited in place
         boxes[:, 2:] -= boxes[:, :2]
         for box, score, label in zip(boxes.tolist(), det["scores"].tolist(), det["labels"].tolist()):
             results.append(dict(image_id=int(image_id), category_id=int(category_ids[label - 1]),

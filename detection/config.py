@@ -4,9 +4,8 @@ Values here are detectron2's COCO defaults at the SSLD paper's 640 px; recipes s
 """
 from __future__ import annotations
 
-from distill.core.config import ConfigError, load_config
-from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, check_ranges
-from distill.core.precision import check_amp
+from distill.core.config import Config, ConfigError, load_config
+from distill.core.trainer_kit import RUN_DEFAULTS, check_choice, check_run, check_sections
 from distill.students.stages import parse_multipliers
 
 from .model import ARCHS
@@ -14,8 +13,7 @@ from .model import ARCHS
 DEFAULTS = {
     # channels_last: the detector's convolutions run NHWC in training and at test (oneDNN and cuDNN's layout;
     # with the sparse RoIAlign it also spares two copies of every pooled map: docs/benchmarks.md)
-    "run": dict(RUN_DEFAULTS, out_dir="runs/detection", workers=2, log_period=20, checkpoint_period=5000,
-                channels_last=True),
+    "run": dict(RUN_DEFAULTS, out_dir="runs/detection", log_period=20, checkpoint_period=5000, channels_last=True),
     "model": {
         "arch": "faster",                 # faster | cascade
         "backbone": "r50_vd_ssld",        # student artifact (name or path), or timm:ARCH
@@ -55,6 +53,7 @@ DEFAULTS = {
         "base_batch": 16,
         "momentum": 0.9,
         "weight_decay": None,             # null: matched to the artifact's pretraining L2, else 1e-4
+        "clip_grad_norm": 0.0,            # 0 = off; else the global gradient norm
     },
     "schedule": {
         "iterations": 90000,              # 1x; 3x is 270000
@@ -66,7 +65,8 @@ DEFAULTS = {
 }
 RANGES = {
     "data": {"hflip": (0.0, 1.0), "batch_size": (1, None), "eval_batch_size": (1, None)},
-    "optim": {"lr": (0.0, None), "base_batch": (1, None), "momentum": (0.0, 1.0), "weight_decay": (0.0, None)},
+    "optim": {"lr": (0.0, None), "base_batch": (1, None), "momentum": (0.0, 1.0), "weight_decay": (0.0, None),
+              "clip_grad_norm": (0.0, None)},
     "schedule": {"iterations": (1, None), "steps": (0, None), "gamma": (0.0, None), "warmup_iters": (0, None),
                  "warmup_factor": (0.0, 1.0)},
     "model": {"fpn_channels": (1, None), "box_head_dim": (1, None), "test_size": (32, None), "max_size": (32, None),
@@ -75,26 +75,22 @@ RANGES = {
 }
 
 
-def load_detection_config(path=None, overrides=(), flags=None) -> dict:
-    """Defaults <- YAML recipe <- overrides <- flags, validated; returns a plain dict with checked values."""
-    cfg = load_config(path, overrides, defaults=DEFAULTS, flags=flags).to_dict()
-    check_config(cfg)
-    return cfg
+def load_detection_config(path=None, overrides=(), flags=None) -> Config:
+    """load then check: defaults <- YAML recipe <- overrides <- flags."""
+    return check(load_config(path, overrides, defaults=DEFAULTS, flags=flags))
 
 
-def check_config(cfg: dict) -> None:
-    m, s = cfg["model"], cfg["schedule"]
-    check_ranges(cfg["run"], RUN_RANGES, "run.")
-    for section, ranges in RANGES.items():
-        check_ranges(cfg[section], ranges, f"{section}.")
-    cfg["run"]["amp"] = check_amp(cfg["run"]["amp"])
-    if m["arch"] not in ARCHS:
-        raise ConfigError(f"model.arch={m['arch']!r}; expected one of {', '.join(ARCHS)}")
-    if m["multipliers"] is not None:
-        m["multipliers"] = parse_multipliers(m["multipliers"])
-    if not m["train_sizes"] or any(not isinstance(s, int) or s < 32 for s in m["train_sizes"]):
-        raise ConfigError(f"model.train_sizes={m['train_sizes']!r}; expected a list of sizes >= 32 px")
-    if len(m["cascade_ious"]) != len(m["cascade_weights"]) or any(len(w) != 4 for w in m["cascade_weights"]):
+def check(cfg: Config) -> Config:
+    m, s = cfg.model, cfg.schedule
+    check_run(cfg)
+    check_sections(cfg, RANGES)
+    check_choice(m.arch, "model.arch", ARCHS)
+    if m.multipliers is not None:
+        m.multipliers = parse_multipliers(m.multipliers)
+    if not m.train_sizes or any(not isinstance(s, int) or s < 32 for s in m.train_sizes):
+        raise ConfigError(f"model.train_sizes={m.train_sizes!r}; expected a list of sizes >= 32 px")
+    if len(m.cascade_ious) != len(m.cascade_weights) or any(len(w) != 4 for w in m.cascade_weights):
         raise ConfigError("model.cascade_weights needs one [wx, wy, ww, wh] per entry of model.cascade_ious")
-    if sorted(s["steps"]) != list(s["steps"]):
-        raise ConfigError(f"schedule.steps={s['steps']} must be increasing iteration numbers")
+    if sorted(s.steps) != list(s.steps):
+        raise ConfigError(f"schedule.steps={s.steps} must be increasing iteration numbers")
+    return cfg

@@ -19,8 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from distill.core.distributed import DistInfo
 from distill.core.errors import UserError
 from distill.core.images import load_rgb
+from distill.core.trainer_kit import sharded_eval_loader
 
 MAX_LISTED_ERRORS = 5
 
@@ -246,7 +248,6 @@ def train_loader(split: CocoSplit, batch_per_rank: int, workers: int, sampler: T
                       num_workers=workers, persistent_workers=workers > 0, generator=torch.Generator())
 
 
-def eval_loader(split: CocoSplit, batch_per_rank: int, workers: int, rank: int = 0, world_size: int = 1) -> DataLoader:
+def eval_loader(split: CocoSplit, batch_per_rank: int, workers: int, dist: DistInfo) -> DataLoader:
     """This rank's share of the images, in order (rank, rank + world_size, ...)."""
-    return DataLoader(DetectionDataset(split), batch_size=batch_per_rank, sampler=range(rank, len(split), world_size),
-                      collate_fn=collate, num_workers=workers, generator=torch.Generator())
+    return sharded_eval_loader(DetectionDataset(split), batch_per_rank, workers, dist, collate=collate)

@@ -1,4 +1,4 @@
-"""COCO box AP of a trained detector: the model is rebuilt from the checkpoint alone.
+"""COCO box AP of a trained detector: the model is rebuilt from the checkpoint alone (either engine's).
 
     python -m detection.eval --checkpoint runs/detection/demo/model_final.pt
     python -m detection.eval --checkpoint CKPT --coco-root /data/coco            # or --val-json J --val-images D
@@ -20,7 +20,8 @@ from .model import load_detector
 
 def main(argv=None) -> dict:
     parser = ArgumentParser(prog="python -m detection.eval", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint.pt from detection.train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model_final.pt from detection.train (either --engine), or the kit engine's checkpoint.pt")
     parser.add_argument("--coco-root", help="folder with val2017/ and annotations/instances_val2017.json")
     parser.add_argument("--val-json", help="any COCO-format annotation file")
     parser.add_argument("--val-images", help="its image folder (default: the json's folder)")
@@ -38,7 +39,7 @@ def main(argv=None) -> dict:
     split = load_coco(*split_paths(data, "val"), category_ids=ckpt["category_ids"])
     if dist.is_main:
         print(split.summary(), flush=True)
-    loader = eval_loader(split, args.batch_size, args.workers, dist.rank, dist.world_size)
+    loader = eval_loader(split, args.batch_size, args.workers, dist)
     metrics = evaluate(model, loader, dist.device, split, results_path=args.results)
     if dist.is_main:
         print(f"{split.json_path}: {metrics['images']} images" +

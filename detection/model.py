@@ -138,6 +138,9 @@ def load_detector(path, device="cpu") -> tuple[GeneralizedRCNN, dict]:
     from distill.core.errors import UserError
 
     ckpt = load_checkpoint(path)
+    if isinstance(ckpt, dict) and ckpt.get("engine") == "detectron2":   # written by detection.detectron2.train
+        from .detectron2.inference import load_detector as load_detectron2_detector
+        return load_detectron2_detector(ckpt, device), ckpt
     if not isinstance(ckpt, dict) or \
             not all(k in ckpt for k in ("model", "model_config", "backbone_meta", "classes", "category_ids")):
         raise UserError(f"{path} is not a detection checkpoint (written by python -m detection.train)")

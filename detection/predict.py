@@ -117,7 +117,8 @@ def main(argv=None):
     from .model import load_detector
 
     parser = ArgumentParser(prog="python -m detection.predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True, help="model_final.pt or checkpoint.pt from detection.train")
+    parser.add_argument("--checkpoint", required=True,
+                        help="model_final.pt from detection.train (either --engine), or the kit engine's checkpoint.pt")
     parser.add_argument("images", nargs="+", help="image files (JPEG, PNG, ...)")
     parser.add_argument("--out-dir", default="predictions", help="where the PNGs go (default: ./predictions)")
     parser.add_argument("--score-thresh", type=number_in(float, 0, 1), default=DEFAULT_SCORE_THRESH,

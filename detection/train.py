@@ -4,6 +4,7 @@
     python -m detection.train --backbone r50_vd_ssld --arch cascade --coco-root /data/coco
     torchrun --nproc_per_node 8 -m detection.train -c configs/detection/cascade_mv3_640.yaml ...
     python -m detection.train -c configs/detection/demo.yaml        # the demo data, CPU, minutes
+    python -m detection.train -c detection/demo --engine detectron2  # the same recipe through detectron2
 
 Runs on distill.core.engine: rerun the same command to resume exactly (a larger schedule.iterations
 continues a finished run), --restart to start over. Writes OUT/checkpoint.pt, OUT/model_final.pt (what
@@ -14,85 +15,123 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed
 
 from distill.core.checkpoint import save_checkpoint
-from distill.core.config import Config, add_trainer_args
-from distill.core.distributed import all_reduce_sum, barrier, cleanup, init_distributed, is_distributed, per_rank_batch
+from distill.core.config import Config, add_trainer_args, load_config
+from distill.core.distributed import DistInfo, barrier, cleanup, init_distributed, is_distributed, per_rank_batch
 from distill.core.engine import Engine, StepOutput, Task
 from distill.core.errors import ArgumentParser, run_cli
 from distill.core.precision import AMP_DTYPES
 from distill.core.runlog import plot_metrics
-from distill.core.schedule import build_scheduler, scale_lr
+from distill.core.schedule import scale_lr
+from distill.core.trainer_kit import RUN_SAFE_ON_RESUME, lr_scheduler, seed_for_build, seed_for_training
 from distill.students.artifact import load_student
+from distill.students.decay import weight_decay_for
 
-from .backbone import matched_decay
+from .backbone import DEFAULT_WEIGHT_DECAY
 from .coco_eval import METRICS, evaluate
-from .config import load_detection_config
-from .data import TrainSampler, eval_loader, load_coco, split_paths, train_loader
+from .config import DEFAULTS, check
+from .data import CocoSplit, TrainSampler, eval_loader, load_coco, split_paths, train_loader
 from .model import build_detector, param_groups
 from .predict import predict_images
 
 FINAL = "model_final.pt"
+ENGINES = ("kit", "detectron2")
 PREDICTION_SAMPLES = 4
 
 
-def parse_args(argv=None):
+# ---------------------------------------------------------------------------------------------------
+# parse -> load (-> check: detection.config, with the schema).
+
+def parse(argv=None):
     parser = ArgumentParser(prog="python -m detection.train", description=__doc__.splitlines()[0])
     add_trainer_args(parser)
     parser.add_argument("--backbone", help="student artifact name or path, or timm:ARCH (model.backbone)")
     parser.add_argument("--arch", choices=("faster", "cascade"), help="model.arch")
     parser.add_argument("--coco-root", help="folder with train2017/, val2017/, annotations/ (data.coco_root)")
+    parser.add_argument("--engine", choices=ENGINES, default="kit",
+                        help="kit: this package's detector; detectron2: the same recipe through detectron2's "
+                             "trainer, evaluator and checkpointer (needs detectron2 installed)")
     return parser.parse_args(argv)
 
 
-def config_from_args(args) -> dict:
+def load(args) -> Config:
     flags = {"model.backbone": args.backbone, "model.arch": args.arch, "data.coco_root": args.coco_root,
              "run.out_dir": getattr(args, "run.out_dir")}
-    return load_detection_config(args.config, args.override, flags)
+    return load_config(args.config, args.override, DEFAULTS, flags=flags)
 
 
-def build_model(cfg: dict, num_classes: int):
-    """The detector with the student's weights, and the metadata a checkpoint needs to rebuild it."""
-    m = cfg["model"]
-    trunk, meta = load_student(m["backbone"], pretrained=m["pretrained"])
-    model = build_detector(m, num_classes, trunk, meta, channels_last=cfg["run"]["channels_last"])
-    resolved = dict(m, frozen_bn=model.backbone.frozen_bn, multipliers=model.backbone.multipliers)
+# ---------------------------------------------------------------------------------------------------
+# build.
+
+@dataclass
+class DetectionData:
+    train: CocoSplit
+    val: CocoSplit
+
+
+def load_data(cfg) -> DetectionData:
+    """Both splits read and checked (val's categories mapped onto train's) before any model is built."""
+    train = load_coco(*split_paths(cfg.data, "train"))
+    return DetectionData(train, load_coco(*split_paths(cfg.data, "val"), category_ids=train.category_ids))
+
+
+def build_model(cfg, num_classes: int):
+    """The detector with the student's weights, its metadata, and the resolved `model` section a checkpoint
+    needs to rebuild it."""
+    m = cfg.model
+    trunk, meta = load_student(m.backbone, pretrained=m.pretrained)
+    model = build_detector(m, num_classes, trunk, meta, channels_last=cfg.run.channels_last)
+    resolved = dict(m.to_dict(), frozen_bn=model.backbone.frozen_bn, multipliers=model.backbone.multipliers)
     return model, meta, resolved
 
 
-def build_optimizer(cfg: dict, model, meta: dict):
-    o, s = cfg["optim"], cfg["schedule"]
-    lr = scale_lr(o["lr"], cfg["data"]["batch_size"], o["base_batch"])
-    wd, why = (o["weight_decay"], f"{o['weight_decay']:g} (given)") if o["weight_decay"] is not None else \
-        matched_decay(meta)
-    optimizer = torch.optim.SGD(param_groups(model, lr, wd), lr=lr, momentum=o["momentum"])
-    scheduler = build_scheduler(optimizer, "step", s["iterations"], s["warmup_iters"], milestones=s["steps"],
-                                gamma=s["gamma"], warmup_factor=s["warmup_factor"])
-    return optimizer, scheduler, lr, wd, why
+def build_optimizer(cfg, model, meta: dict):
+    """(SGD over the stage groups, its lr, its weight decay, where the decay came from)."""
+    o = cfg.optim
+    lr = scale_lr(o.lr, cfg.data.batch_size, o.base_batch)
+    wd, why = weight_decay_for(o.weight_decay, meta, DEFAULT_WEIGHT_DECAY, "-o optim.weight_decay=VALUE")
+    return torch.optim.SGD(param_groups(model, lr, wd), lr=lr, momentum=o.momentum), lr, wd, why
 
 
 class DetectionTask(Task):
     """One epoch of `schedule.iterations` batches from an endless, resumable sampler."""
+    safe_on_resume = RUN_SAFE_ON_RESUME + ("optim.lr", "optim.clip_grad_norm", "schedule.iterations")
+    advice = ("optim.lr", "optim.clip_grad_norm")
 
-    def __init__(self, cfg, dist, model, optimizer, scheduler, train_split, val_split):
-        self.cfg, self.dist, self.model = cfg, dist, model
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.train_split, self.val_split = train_split, val_split
-        batch = cfg["data"]["batch_size"]
-        self.per_rank, self.global_batch = per_rank_batch(batch, dist), batch
-        self.epochs, self.steps_per_epoch = 1, cfg["schedule"]["iterations"]
-        self.val_loader = eval_loader(val_split, max(cfg["data"]["eval_batch_size"] // dist.world_size, 1),
-                                      cfg["run"]["workers"], dist.rank, dist.world_size)
-        self.amp_dtype = AMP_DTYPES[cfg["run"]["amp"]]
+    def __init__(self, cfg, dist: DistInfo, data: DetectionData):
+        self.cfg, self.dist, self.data = cfg, dist, data
+        self.model, self.meta, self.model_cfg = build_model(cfg, len(data.train.category_ids))
+        self.model.to(dist.device)
+        if dist.distributed and not self.model_cfg["frozen_bn"] and dist.device.type == "cuda":  # SyncBN: GPU only
+            from timm.layers import convert_sync_batchnorm
+            self.model = convert_sync_batchnorm(self.model)
+        self.optimizer, self.lr, _, self.decay_note = build_optimizer(cfg, self.model, self.meta)
+        self.scheduler = lr_scheduler(self.optimizer, dict(cfg.schedule, kind="step"))
+        self.per_rank, self.global_batch = per_rank_batch(cfg.data.batch_size, dist), cfg.data.batch_size
+        self.epochs, self.steps_per_epoch = 1, cfg.schedule.iterations
+        self.clip_grad_norm = cfg.optim.clip_grad_norm
+        self.val_loader = eval_loader(data.val, max(cfg.data.eval_batch_size // dist.world_size, 1),
+                                      cfg.run.workers, dist)
+        self.amp_dtype = AMP_DTYPES[cfg.run.amp]
+
+    def describe(self) -> str:
+        m, d = self.model_cfg, self.data
+        return (f"{m['arch']} R-CNN, backbone {m['backbone']} ({self.meta['arch']}), "
+                f"{'FrozenBN' if m['frozen_bn'] else 'trainable BN'}, multipliers {m['multipliers']}; "
+                f"{len(d.train)} train / {len(d.val)} val images, {len(d.train.category_ids)} classes; "
+                f"batch {self.global_batch} on {self.dist.world_size} x {self.dist.device.type}, lr {self.lr:g}; "
+                f"weight decay {self.decay_note}")
 
     def batches(self, epoch: int, start: int):
-        sampler = TrainSampler(len(self.train_split), self.cfg["run"]["seed"], self.cfg["data"]["hflip"],
+        sampler = TrainSampler(len(self.data.train), self.cfg.run.seed, self.cfg.data.hflip,
                                self.dist.rank, self.dist.world_size, start=start * self.per_rank)
-        return train_loader(self.train_split, self.per_rank, self.cfg["run"]["workers"], sampler)
+        return train_loader(self.data.train, self.per_rank, self.cfg.run.workers, sampler)
 
     def forward(self, net, batch, state) -> StepOutput:
         images, targets, _ = batch
@@ -104,7 +143,7 @@ class DetectionTask(Task):
 
     def evaluate(self, net) -> dict:
         broadcast_buffers(self.model)
-        metrics = evaluate(self.model, self.val_loader, self.dist.device, self.val_split, self.amp_dtype)
+        metrics = evaluate(self.model, self.val_loader, self.dist.device, self.data.val, self.amp_dtype)
         return {k: metrics[k] for k in (*METRICS, "images", "corrupt")}
 
 
@@ -116,48 +155,46 @@ def broadcast_buffers(model) -> None:
             torch.distributed.broadcast(buffer, 0)
 
 
+# ---------------------------------------------------------------------------------------------------
+# run.
+
 def main(argv=None):
-    args = parse_args(argv)
-    cfg = config_from_args(args)
-    out = Path(cfg["run"]["out_dir"])
-    dist = init_distributed(cfg["run"]["device"])
+    args = parse(argv)
+    cfg = check(load(args))
+    dist = init_distributed(cfg.run.device)
     try:
-        return train(cfg, dist, out, args.restart)
+        if args.engine == "detectron2":   # imported here: detection.train must work without detectron2
+            from .detectron2.train import train as train_detectron2
+            return train_detectron2(cfg, dist, Path(cfg.run.out_dir), args.restart)
+        return run(cfg, dist, args.restart)
     finally:
         cleanup()
 
 
-def train(cfg: dict, dist, out: Path, restart: bool) -> dict:
-    torch.manual_seed(cfg["run"]["seed"] + dist.rank)
-    # Build: data (validated up front), model, optimizer, schedule.
-    train_split = load_coco(*split_paths(cfg["data"], "train"))
-    val_split = load_coco(*split_paths(cfg["data"], "val"), category_ids=train_split.category_ids)
+def run(cfg: Config, dist: DistInfo, restart: bool = False) -> dict:
+    """Build the task, train it on the engine (resuming), then write the final model, curves, metrics and a
+    few predicted images. Returns the final COCO box metrics."""
+    out = Path(cfg.run.out_dir)
+    seed_for_build(cfg.run.seed)
+    data = load_data(cfg)
     if dist.is_main:
-        print(f"train: {train_split.summary()}\nval: {val_split.summary()}", file=sys.stderr)
-    model, meta, model_cfg = build_model(cfg, len(train_split.category_ids))
-    model.to(dist.device)
-    if dist.distributed and not model_cfg["frozen_bn"] and dist.device.type == "cuda":  # SyncBN is GPU-only
-        from timm.layers import convert_sync_batchnorm
-        model = convert_sync_batchnorm(model)
-    optimizer, scheduler, lr, _, decay_note = build_optimizer(cfg, model, meta)
-    task = DetectionTask(cfg, dist, model, optimizer, scheduler, train_split, val_split)
-    engine = Engine(task, Config.wrap(cfg["run"]), dist, cfg, restart=restart)
-    engine.say(f"{cfg['model']['arch']} R-CNN, backbone {cfg['model']['backbone']} ({meta['arch']}), "
-               f"{'FrozenBN' if model_cfg['frozen_bn'] else 'trainable BN'}, multipliers {model_cfg['multipliers']}; "
-               f"{len(train_split)} train / {len(val_split)} val images, {len(train_split.category_ids)} classes; "
-               f"batch {task.global_batch} on {dist.world_size} x {dist.device.type}, lr {lr:g}; "
-               f"weight decay {decay_note}")
+        print(f"train: {data.train.summary()}\nval: {data.val.summary()}", file=sys.stderr)
+    task = DetectionTask(cfg, dist, data)
+    seed_for_training(cfg.run.seed, dist)
+    engine = Engine(task, cfg, dist, restart=restart)
+    engine.say(task.describe())
     state = engine.run()
     metrics = state.results[-1]
-    skipped = int(all_reduce_sum(torch.tensor(engine.state.skipped, device=dist.device)))
+    skipped = engine.skipped_total()
     if dist.is_main:
-        save_checkpoint(out / FINAL, dict(model=model.state_dict(), iteration=state.iteration, config=cfg,
-                                          model_config=model_cfg, backbone_meta=meta,
+        train_split = data.train
+        save_checkpoint(out / FINAL, dict(model=task.model.state_dict(), iteration=state.iteration,
+                                          config=cfg.to_dict(), model_config=task.model_cfg, backbone_meta=task.meta,
                                           classes=train_split.class_names, category_ids=train_split.category_ids))
         plot_metrics(out / "metrics.csv", out / "loss_curve.png")
         (out / "metrics.json").write_text(json.dumps(dict(metrics, corrupt_train_images_skipped=skipped), indent=2))
-        samples = [str(p) for p in val_split.paths[:PREDICTION_SAMPLES]]
-        predict_images(model, samples, out / "predictions", train_split.class_names, dist.device)
+        samples = [str(p) for p in data.val.paths[:PREDICTION_SAMPLES]]
+        predict_images(task.model, samples, out / "predictions", train_split.class_names, dist.device)
         print(f"done: AP {metrics['AP']:.1f} AP50 {metrics['AP50']:.1f}; {out / FINAL}, {out / 'loss_curve.png'}, "
               f"{out / 'predictions'}/")
     barrier()

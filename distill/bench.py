@@ -10,7 +10,6 @@ time spent waiting for data.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import tempfile
@@ -21,24 +20,28 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from distill import ssld
 from distill.students import zoo
 from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
-from distill.data import TrainStream, folder_source
+from distill.data import TrainStream, build_sources, folder_source, stream_loader
+from distill.core.config import Config, merge
+from distill.core.distributed import DistInfo
 from distill.core.images import build_transform, collate_skipping, normalize_on_device
 from distill.core.benchmark import machine_line, synchronize
-from distill.core.errors import UserError, run_cli
+from distill.core.errors import ArgumentParser, UserError, run_cli
+from distill.label_cache import build_cached_stream, dense_targets
 from distill.losses import DistillLoss, ssld_loss
 from distill.core.precision import Precision
+from distill.relabel import write_labels
 from distill.ssld import distill_step
-from distill.teacher import Teacher
+from distill.teacher import Teacher, build_teacher
 
 
 def make_loader(data_dir, batch, size, workers, device, output="float"):
     source = folder_source(data_dir)
     transform = build_transform("random_crop", size, IMAGENET_MEAN, IMAGENET_STD, output=output)
     stream = TrainStream([source], transform, batch, epoch_samples=max(source.size, batch), seed=0)
-    return stream, DataLoader(stream, batch_size=batch, num_workers=workers, collate_fn=collate_skipping,
-                              pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None)
+    return stream, stream_loader(stream, workers, device, collate_skipping)
 
 
 def batches_forever(stream, loader):
@@ -62,10 +65,10 @@ class TimedLoop:
         start, wait, images = time.perf_counter(), 0.0, 0
         for _ in range(n):
             t0 = time.perf_counter()
-            batch_images, labels, _ = next(self.batches)
+            *batch, _ = next(self.batches)      # (images, labels[, cached top-k...], skipped)
             wait += time.perf_counter() - t0
-            self.step(batch_images, labels)
-            images += len(batch_images)
+            self.step(*batch)
+            images += len(batch[0])
         synchronize(self.device)
         if timed:
             self.seconds += time.perf_counter() - start
@@ -75,6 +78,15 @@ class TimedLoop:
     def result(self) -> dict:
         return dict(img_per_s=self.images / self.seconds, seconds=self.seconds, images=self.images,
                     data_wait_share=self.wait / self.seconds)
+
+
+def batches_cycling(stream, loader, epochs: int):
+    """Batches of epochs 0..epochs-1, over and over (a label cache holds that many)."""
+    epoch = 0
+    while True:
+        stream.set_epoch(epoch % epochs)
+        yield from loader
+        epoch += 1
 
 
 def plain_loop(student, teacher_model, device, lr=0.1):
@@ -107,6 +119,16 @@ def kit_loop(student, teacher, device, amp, channels_last, lr=0.1):
     return step
 
 
+def step_settings(device: str, amp, channels_last):
+    """(device, amp, channels_last) for the timed step: "auto" is CUDA when present, bf16 and channels_last
+    on CUDA only (the student trains under run.amp, which a user sets: on the CPU that is off)."""
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          "cpu" if device == "auto" else device)
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else None
+    return device, amp, device.type == "cuda" if channels_last is None else channels_last
+
+
 def build_pair(teacher_name, student_name, num_classes, device):
     torch.manual_seed(0)
     teacher = zoo.create_model(teacher_name, num_classes=num_classes).to(device)
@@ -116,12 +138,7 @@ def build_pair(teacher_name, student_name, num_classes, device):
 
 def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, warmup=5, workers=4,
           amp="auto", channels_last=None, compile_model=False, device="auto", rounds: int = 4) -> dict:
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          "cpu" if device == "auto" else device)
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else None
-    if channels_last is None:
-        channels_last = device.type == "cuda"
+    device, amp, channels_last = step_settings(device, amp, channels_last)
     num_classes = len(folder_source(data_dir).classes)
     results = dict(machine=machine_line(device), device=str(device), teacher=teacher_name, student=student_name,
                    batch=batch, size=size, steps=steps, workers=workers,
@@ -149,6 +166,122 @@ def bench(teacher_name, student_name, data_dir, batch=64, size=224, steps=20, wa
     results["plain"], results["ssld_kit"] = plain.result(), kit.result()
     results["speedup"] = results["ssld_kit"]["img_per_s"] / results["plain"]["img_per_s"]
     return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# --cache: the student's step with the online teacher next to the same step from cached labels.
+
+CACHE_PAIR = ("timm:resnet101d", "timm:resnet26d")   # teacher forward ~3.1x the student's (FLOPs, any size)
+
+
+def forward_flops(name: str, size: int, num_classes: int) -> float:
+    """FLOPs of one image's forward pass (torch's flop counter: matmuls and convolutions, 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = zoo.create_model(name, num_classes=num_classes).eval()
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    return float(counter.get_total_flops())
+
+
+def cache_recipe(teacher: str, student: str, data_dir, batch: int, size: int, epochs: int, workers: int,
+                 device, amp, channels_last: bool):
+    """The distill.ssld recipe both loops share: one folder source, the teacher in BatchNorm train mode."""
+    folder = dict(type="folder", path=str(data_dir))
+    cfg = merge(ssld.DEFAULTS, dict(
+        run=dict(device=device.type, amp=amp or "off", channels_last=channels_last, workers=workers, progress=False),
+        student=dict(arch=student), teacher=dict(models=[teacher], bn="train"), loss=dict(kind="ssld"),
+        data=dict(train=[folder], val=folder, batch_size=batch, input_size=size), schedule=dict(epochs=epochs)))
+    return ssld.check(Config.wrap(cfg))
+
+
+def cache_bench(teacher_name, student_name, data_dir, cache_dir, batch=64, size=224, steps=20, warmup=3, workers=4,
+                amp="auto", channels_last=None, device="auto", rounds: int = 4, epochs: int = 2, k: int = 10) -> dict:
+    """Write the labels once (timed), then alternate rounds of the online-teacher step and the cached step:
+    the same student (same init), data, batch, precision and loss; only the teacher forward is replaced by
+    the stored top-k."""
+    device, amp, channels_last = step_settings(device, amp, channels_last)
+    dist = DistInfo(0, 1, 0, device)
+    cfg = cache_recipe(teacher_name, student_name, data_dir, batch, size, epochs, workers, device, amp, channels_last)
+    sources = build_sources(cfg.data.train, None)
+    num_classes = len(sources[0].classes)
+    flops = dict(teacher=forward_flops(teacher_name, size, num_classes),
+                 student=forward_flops(student_name, size, num_classes))
+
+    t0 = time.perf_counter()
+    manifest = write_labels(cfg, cache_dir, epochs, dist, k=k, progress=False)
+    synchronize(device)
+    write_seconds = time.perf_counter() - t0
+    counts = manifest["counts"]
+
+    precision = Precision(amp or "off", device)
+    criterion = DistillLoss("ssld")
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def student_step(step_teacher):
+        torch.manual_seed(0)
+        student = zoo.create_model(student_name, num_classes=num_classes).to(device, memory_format=memory_format)
+        opt = torch.optim.SGD(student.train().parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+
+        def step(images, labels, *cached):
+            images = normalize_on_device(images.to(device, non_blocking=True), cfg.data.mean, cfg.data.std)
+            images = images.contiguous(memory_format=memory_format)
+            teacher = step_teacher
+            if cached:   # the stored top-k stands in for the teacher's forward pass
+                targets = dense_targets(cached[0].to(device, non_blocking=True),
+                                        cached[1].to(device, non_blocking=True), num_classes)
+                teacher = lambda _images, _temperature: targets   # noqa: E731
+            distill_step(student, teacher, criterion, images, labels.to(device, non_blocking=True), opt, precision)
+        return step
+
+    torch.manual_seed(0)
+    teacher = build_teacher(cfg.teacher, num_classes, cfg.data.mean, cfg.data.std).to(device)
+    online_stream, online_loader = ssld.build_train_loader(cfg, sources, dist)
+    cached_stream, cached_loader, _ = build_cached_stream(cfg, cache_dir, sources, dist, num_classes)
+    loops = dict(online=TimedLoop(student_step(teacher), batches_cycling(online_stream, online_loader, epochs), device),
+                 cached=TimedLoop(student_step(None), batches_cycling(cached_stream, cached_loader, epochs), device))
+    for loop in loops.values():
+        loop.run(warmup, timed=False)
+    for r in range(rounds):  # alternate, so drifting machine load hits both loops alike
+        for name in (("online", "cached") if r % 2 == 0 else ("cached", "online")):
+            loops[name].run(max(1, steps // rounds))
+    results = dict(machine=machine_line(device), device=str(device), teacher=teacher_name, student=student_name,
+                   batch=batch, size=size, steps=steps, rounds=rounds, workers=workers, amp=amp,
+                   channels_last=channels_last, bn=cfg.teacher.bn, k=manifest["k"], epochs=epochs,
+                   flops=dict(flops, ratio=flops["teacher"] / flops["student"]),
+                   online=loops["online"].result(), cached=loops["cached"].result())
+    for name in ("online", "cached"):
+        results[name]["ms_per_step"] = 1000 * results[name]["seconds"] / (results[name]["images"] / batch)
+    results["speedup"] = results["cached"]["img_per_s"] / results["online"]["img_per_s"]
+    images = manifest["positions_per_epoch"] * epochs
+    run = manifest["last_run"]
+    results["write"] = dict(seconds=write_seconds, image_epochs=images, img_per_s=run["crops"] / run["seconds"],
+                            setup_seconds=write_seconds - run["seconds"], bytes=counts["bytes"],
+                            bytes_per_image_epoch=counts["bytes"] / counts["records"],
+                            record_bytes=manifest["record_bytes"])
+    return results
+
+
+def format_cache(r: dict) -> str:
+    f, w = r["flops"], r["write"]
+    rows = [("student step, online teacher", r["online"]), ("student step, cached labels", r["cached"])]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"machine: {r['machine']}",
+             f"teacher {r['teacher']} ({f['teacher'] / 1e9:.2f} GFLOP/img) -> student {r['student']} "
+             f"({f['student'] / 1e9:.2f} GFLOP/img): teacher forward {f['ratio']:.2f}x the student's; batch "
+             f"{r['batch']}, {r['size']} px, amp {r['amp']}, channels_last {r['channels_last']}, teacher bn "
+             f"{r['bn']}, {r['workers']} workers, {r['steps']} timed steps each in {r['rounds']} alternating rounds",
+             f"{'loop':<{width}}  {'img/s':>9}  {'ms/step':>9}  {'data wait':>9}"]
+    lines += [f"{name:<{width}}  {x['img_per_s']:>9.1f}  {x['ms_per_step']:>9.1f}  {100 * x['data_wait_share']:>8.1f}%"
+              for name, x in rows]
+    lines.append(f"cached / online step throughput: {r['speedup']:.2f}x")
+    lines.append(f"writing the labels (once): {w['image_epochs']} image-epochs ({r['epochs']} epochs) in "
+                 f"{w['seconds']:.1f} s: {w['img_per_s']:.1f} img/s (decode, crop, teacher, top-k, write) after "
+                 f"{w['setup_seconds']:.1f} s of setup (teacher build and hash, sources)")
+    lines.append(f"storage: {w['bytes_per_image_epoch']:.1f} bytes per image-epoch on disk at this shard size "
+                 f"({w['record_bytes']} bytes of record at k={r['k']}); 5M images x 360 epochs: "
+                 f"{5e6 * 360 * w['record_bytes'] / 1e9:.0f} GB")
+    return "\n".join(lines)
 
 
 def write_photo_jpegs(root, count: int, classes: int = 4, sides=(400, 500), seed: int = 0) -> Path:
@@ -248,9 +381,10 @@ def format_results(r: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m distill.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--teacher", default="r50_vd", help="zoo name or timm:ARCH (random weights: speed only)")
-    p.add_argument("--student", default="mv3_large")
+    p = ArgumentParser(prog="python -m distill.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--teacher", help="zoo name or timm:ARCH, random weights: speed only (default r50_vd; "
+                   f"--cache: {CACHE_PAIR[0]})")
+    p.add_argument("--student", help=f"(default mv3_large; --cache: {CACHE_PAIR[1]})")
     p.add_argument("--data", help="ImageFolder to read (default: generate demo images in a temp folder)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
@@ -269,10 +403,16 @@ def main(argv=None):
                    help="benchmark the training input pipeline against torchvision's instead of the step")
     p.add_argument("--images", type=int, default=300, help="--loader: how many 400-500 px JPEGs to generate")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds (--loader: epochs per pipeline)")
+    p.add_argument("--cache", action="store_true", help="the student's step with the online teacher against the "
+                   "same step from cached labels (distill.relabel), the labels' write cost and size")
+    p.add_argument("--epochs", type=int, default=2, help="--cache: epochs of labels to write")
+    p.add_argument("--k", type=int, default=10, help="--cache: classes kept per crop")
     args = p.parse_args(argv)
     if args.loader:
         return main_loader(args)
     args.workers = 4 if args.workers is None else args.workers
+    teacher, student = CACHE_PAIR if args.cache else ("r50_vd", "mv3_large")
+    args.teacher, args.student = args.teacher or teacher, args.student or student
     for name in (args.teacher, args.student):
         zoo.get_entry(name)  # a zoo name or timm:ARCH, else a message with suggestions
     amp = None if args.amp == "none" else args.amp
@@ -286,9 +426,14 @@ def main(argv=None):
             data = str(Path(tmp) / "train")
         elif not Path(data).is_dir():
             raise UserError(f"--data {data}: not a folder")
-        r = bench(args.teacher, args.student, data, args.batch, args.size, args.steps, args.warmup, args.workers,
-                  amp, args.channels_last, args.compile, args.device)
-    print(format_results(r))
+        if args.cache:
+            cache = stack.enter_context(tempfile.TemporaryDirectory(prefix="ssld_bench_labels_"))
+            r = cache_bench(args.teacher, args.student, data, cache, args.batch, args.size, args.steps, args.warmup,
+                            args.workers, amp, args.channels_last, args.device, args.rounds, args.epochs, args.k)
+        else:
+            r = bench(args.teacher, args.student, data, args.batch, args.size, args.steps, args.warmup, args.workers,
+                      amp, args.channels_last, args.compile, args.device)
+    print(format_cache(r) if args.cache else format_results(r))
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=2))
     return r

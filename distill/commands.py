@@ -11,12 +11,15 @@ from distill.core.errors import run_cli
 
 COMMANDS = {  # script name -> module with main(argv); pyproject.toml [project.scripts] lists the same names
     "ssld-demo": "distill.demo",
+    "ssld-chain": "distill.chain.__main__",
     "ssld-demo-data": "distill.demo_data",
     "ssld-distill": "distill.ssld",
     "ssld-mine": "distill.mine.__main__",
+    "ssld-relabel": "distill.relabel",
     "ssld-zoo": "distill.zoo",
     "ssld-convert": "distill.convert",
     "ssld-export": "distill.export",
+    "ssld-predict": "distill.predict",
     "ssld-finetune": "transfer.finetune",
     "ssld-search": "transfer.search",
     "ssld-datasets": "transfer.datasets",

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from distill.core.errors import UserError
+from distill.core.image_folder import list_image_folder
 from distill.core.images import Skipped, UnreadableImage, load_transformed
 
 UNLABELED = -1
@@ -64,9 +65,7 @@ def folder_source(path) -> Source:
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"image folder not found: {root} (expected ROOT/<class>/<image> like torchvision ImageFolder)")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    samples = [(str(f), label) for label, c in enumerate(classes)
-               for f in sorted((root / c).rglob("*")) if f.suffix.lower() in IMG_EXTENSIONS]
+    classes, samples = list_image_folder(root)
     if not samples:
         raise UserError(f"image folder {root} holds no images (expected ROOT/<class>/*.jpg, "
                         f"extensions {', '.join(IMG_EXTENSIONS)})")
@@ -190,6 +189,25 @@ def check_class_lists(sources) -> None:
                 or "the same names in another order"
             raise UserError(f"class folders differ between {first.path} and {other.path} ({detail}); every split "
                             "must hold the same class folders, since labels are indices into one class list")
+
+
+def class_names_of(sources, num_classes: int, given=None, root=None) -> tuple[list[str] | None, str | None]:
+    """(class names in label order, where they came from): `given` (a list, or a text file with one name per
+    line, relative to `root`), else the folder sources' class folders; (None, None) when nothing names them."""
+    where = "data.class_names"
+    if isinstance(given, str):
+        path = _resolve(given, root)
+        if not path.is_file():
+            raise UserError(f"data.class_names: no file {path} (one class name per line)")
+        given, where = [line.strip() for line in path.read_text().splitlines() if line.strip()], str(path)
+    if given is None:
+        folder = next((s for s in sources if s.classes), None)
+        if folder is None:
+            return None, None
+        given, where = folder.classes, folder.path
+    if len(given) != num_classes:
+        raise UserError(f"{where} names {len(given)} classes but the data has {num_classes}")
+    return list(given), where
 
 
 def infer_num_classes(sources) -> int:
@@ -316,15 +334,27 @@ class TrainStream(IterableDataset):
                 if data is None:
                     yield Skipped(where, f"{where}: no image ({'/'.join(WDS_IMAGE_KEYS)}) in the sample")
                     continue
-                with torch.random.fork_rng(devices=[]):
-                    # the CPU generator alone: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding,
-                    # each formatting a stack trace, a quarter of the loader's time per image
-                    torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, pos))
-                    try:   # decoding and the crop in one go: a JPEG is decoded at the scale its crop needs
-                        item = load_transformed(data, self.transform), label
-                    except UnreadableImage as e:
-                        item = Skipped(where, str(e))
-                yield item
+                yield self.load_item(pos, data, label, where)
+
+    def load_item(self, pos: int, data, label: int, where: str):
+        """(image, label) of plan position `pos`, augmented under its own seed, or Skipped. The one place a
+        position becomes pixels: distill.label_cache overrides it to record or replay the drawn crop."""
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator alone: torch.manual_seed also queues lazy CUDA/XPU/MTIA seeding,
+            # each formatting a stack trace, a quarter of the loader's time per image
+            torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, pos))
+            try:   # decoding and the crop in one go: a JPEG is decoded at the scale its crop needs
+                return load_transformed(data, self.transform), label
+            except UnreadableImage as e:
+                return Skipped(where, str(e))
+
+
+def stream_loader(stream: TrainStream, workers: int, device, collate):
+    """The DataLoader over a training stream (whole per-rank batches from its workers). Its own generator:
+    creating an epoch's iterator must not draw from the global RNG (dropout would differ on resume)."""
+    return DataLoader(stream, batch_size=stream.batch_size, num_workers=workers, collate_fn=collate,
+                      pin_memory=torch.device(device).type == "cuda", prefetch_factor=4 if workers else None,
+                      generator=torch.Generator())
 
 
 def build_sources(cfg_sources, root=None) -> list[Source]:

@@ -18,8 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from distill.students import zoo
-from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD, check_state_dict, load_student
-from distill.core.checkpoint import load_checkpoint
+from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD, check_state_dict, load_student, read_weights
 from distill.core.errors import UserError
 
 BN_MODES = ("train", "eval")
@@ -30,21 +29,13 @@ def load_teacher_model(source: str, num_classes: int, pretrained: bool = False) 
     a zoo name or `timm:ARCH[.tag]` (timm weights when `pretrained` and the network is reachable)."""
     source = str(source)
     if Path(source).suffix in (".pt", ".pth"):
-        ckpt = load_checkpoint(source)
-        if not isinstance(ckpt, dict):
-            raise UserError(f"teacher checkpoint {source} is not an ssld-kit trainer checkpoint (not a mapping)")
-        ckpt = dict(ckpt, **ckpt.get("extra", {}))  # the trainer keeps its metadata with the task's state
-        if "meta" not in ckpt or "model" not in ckpt:
-            raise UserError(f"teacher checkpoint {source} is not an ssld-kit trainer checkpoint (no 'meta'/'model'); "
-                            "export it as an artifact, or give a timm:ARCH name")
-        meta = ckpt["meta"]
+        state, meta, where = read_weights(source)
         model = zoo.create_model(meta["arch"], num_classes=meta["num_classes"])
-        check_state_dict(model, ckpt["model"], source)
-        model.load_state_dict(ckpt["model"])
+        check_state_dict(model, state, where)
+        model.load_state_dict(state)
         return model, meta
-    if source in zoo.ZOO:
-        source = f"timm:{zoo.ZOO[source].arch}"
-    if source.startswith("timm:"):
+    if zoo.is_zoo_name(source):   # a zoo row as a teacher is its timm architecture
+        source = source if source.startswith(zoo.TIMM_PREFIX) else zoo.TIMM_PREFIX + zoo.ZOO[source].arch
         try:
             return load_student(source, num_classes=num_classes, pretrained=pretrained)
         except (RuntimeError, OSError) as e:  # no network, no cached weights

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from distill.core.checkpoint import load_checkpoint
-from helpers import tiny_config, write_config
+from helpers import label_recipe, run_relabel, tiny_config, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS = 3
@@ -88,13 +88,26 @@ def test_ssld_with_dropout_and_drop_path_survives_kills(tmp_path, demo_root):
     cfg = tiny_config(tmp_path, demo_root, "run", schedule=dict(epochs=2), loss=dict(kind="ssld", hard_weight=0.3),
                       teacher=dict(models=["timm:test_resnet"], bn="train"),
                       student=dict(arch="timm:test_resnet", drop_rate=0.2, drop_path_rate=0.1),
-                      data=dict(mixup=True),
+                      data=dict(function_matching=True),
                       run=dict(device="cpu", workers=1, checkpoint_period=1, checkpoint_minutes=0.0, log_period=2,
                                progress=False))
     config = write_config(tmp_path, cfg)
     cmd = lambda out: ["-m", "distill.ssld", "-c", config, "--out-dir", str(out)]  # noqa: E731
     duration = run_to_end(cmd(tmp_path / "ref"), tmp_path / "ref.log")
     kills = kill_and_resume(cmd(tmp_path / "cut"), tmp_path / "cut", duration, seed=1)
+    assert -1 in kills, "the mid-write kill did not land"
+    same_tensors(load_file(tmp_path / "ref" / "run.safetensors"), load_file(tmp_path / "cut" / "run.safetensors"))
+
+
+def test_ssld_from_cached_labels_survives_kills(tmp_path, demo_root):
+    """teacher.cache: the crops replayed from the label records and the stored labels resume exactly too."""
+    config = label_recipe(tmp_path, demo_root, "train", student=dict(arch="timm:test_resnet", drop_rate=0.2),
+                          run=dict(workers=1, checkpoint_period=1))
+    run_relabel(config, tmp_path / "labels", "--k", "3", "--shard-batches", "2")
+    cmd = lambda out: ["-m", "distill.ssld", "-c", config, "--out-dir", str(out),  # noqa: E731
+                       "-o", f"teacher.cache={tmp_path / 'labels'}"]
+    duration = run_to_end(cmd(tmp_path / "ref"), tmp_path / "ref.log")
+    kills = kill_and_resume(cmd(tmp_path / "cut"), tmp_path / "cut", duration, seed=5)
     assert -1 in kills, "the mid-write kill did not land"
     same_tensors(load_file(tmp_path / "ref" / "run.safetensors"), load_file(tmp_path / "cut" / "run.safetensors"))
 

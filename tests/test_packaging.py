@@ -15,6 +15,8 @@ def test_ci_runs_the_readme_test_command():
     command = readme_test_command()
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert command in ci_lines
+    commands = [line for line in ci_lines if line and not line.startswith("#")]
+    assert commands[-1] == command          # what CI runs last is README's command (after the optional detectron2 wheel)
     assert "pytest" in command and "python3 -m venv" in command
 
 

@@ -132,3 +132,18 @@ def test_console_scripts_and_python_m_run_the_demo_step_elsewhere(venv):
     bad = run([str(venv["bin"] / "ssld-demo-data"), str(data), "--classes", "99"], cwd=venv["cwd"],
               env=venv["env"], check=False)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.count("\n") == 1
+
+
+def test_the_demo_and_the_chain_run_from_a_plain_install_elsewhere(venv):
+    """README's main command reads its recipes from the installed package, not from a checkout's configs/
+    (the demo once stopped at its teacher step with "run the demo from a checkout of ssld-kit")."""
+    env = dict(venv["env"], OMP_NUM_THREADS="1")
+    out = venv["cwd"] / "demo_run"
+    run([venv["python"], "-m", "distill.demo", str(out), "--scale", "tiny", "--until", "teacher", "--quiet",
+         "--threads", "1"], cwd=venv["cwd"], env=env)
+    teacher = out / "teacher" / "demo_teacher.safetensors"
+    assert teacher.is_file() and not (out / "student").exists()
+    plan = run([str(venv["bin"] / "ssld-chain"), str(venv["cwd"] / "chain_run"), "--data", str(out / "data"),
+                "--teacher", str(teacher), "--student", "timm:test_resnet", "--until", "data"],
+               cwd=venv["cwd"], env=env)
+    assert "used as given (its 8 class names are DATA's" in plan.stderr and "image_size 32 (" in plan.stderr

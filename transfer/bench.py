@@ -27,12 +27,14 @@ import torch.nn as nn
 from distill.core.benchmark import machine_line, synchronize
 from distill.core.config import Config
 from distill.core.distributed import DistInfo
-from distill.core.engine import RUN_DEFAULTS, Engine
+from distill.core.engine import Engine
 from distill.core.errors import UserError, run_cli
 from distill.students.artifact import load_student
 from distill.core.precision import AMP_DTYPES, autocast
 from distill.core.schedule import build_scheduler
+from distill.core.trainer_kit import RUN_DEFAULTS
 
+from . import config as tcfg
 from . import finetune as ft
 
 
@@ -77,9 +79,9 @@ def in_memory_engine(model, cfg, res, batches, device, amp_kind, channels_last, 
                                 momentum=0.9, nesterov=True)
     scheduler = build_scheduler(optimizer, "cosine", total_steps=10 ** 9, warmup_steps=0)
     task = InMemoryTask(model, optimizer, scheduler, batches, device, channels_last)
-    run_cfg = Config.wrap(dict(RUN_DEFAULTS, out_dir=str(scratch), amp=amp_kind, channels_last=False,
-                               log_period=10 ** 9, checkpoint_minutes=0.0, progress=False))
-    return Engine(task, run_cfg, DistInfo(0, 1, 0, device), {}, restart=True)
+    cfg = Config.wrap(dict(run=dict(RUN_DEFAULTS, out_dir=str(scratch), amp=amp_kind, channels_last=False,
+                                    log_period=10 ** 9, checkpoint_minutes=0.0, progress=False)))
+    return Engine(task, cfg, DistInfo(0, 1, 0, device), restart=True)
 
 
 def bench(backbone: str, image_size: int, batch_size: int, steps: int, warmup: int, rounds: int,
@@ -95,7 +97,7 @@ def _bench(backbone, image_size, batch_size, steps, warmup, rounds, num_classes,
                           "cpu" if device == "auto" else device)
     torch.manual_seed(0)
     model, meta = load_student(backbone, num_classes=num_classes)
-    cfg = ft.build_config(ft.parse_args(["--dataset", "folder:bench", "--backbone", backbone]))
+    cfg = tcfg.check(tcfg.load(tcfg.parse(["--dataset", "folder:bench", "--backbone", backbone])))
     res = ft.resolve_defaults(cfg, meta)
     if lr_mult is not None:
         res.lr_mult = lr_mult

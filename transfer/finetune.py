@@ -14,7 +14,6 @@ fine-tuned model as a student artifact (model.safetensors, and model_fix.safeten
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import time
@@ -23,184 +22,31 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from torch.utils.data import DataLoader, Subset
 
 from distill.core.atomic import atomic_write
-from distill.core.config import Config, add_trainer_args, load_config
+from distill.core.config import Config
 from distill.core.cross_entropy import hard_ce_loss
 from distill.core.distributed import DistInfo, barrier, cleanup, init_distributed, per_rank_batch
-from distill.core.engine import RUN_DEFAULTS, RUN_RANGES, Engine, NonFiniteLoss, StepOutput, Task, check_ranges
-from distill.core.errors import ArgumentParser, UserError, run_cli
+from distill.core.engine import Engine, NonFiniteLoss, StepOutput, Task
+from distill.core.errors import run_cli
+from distill.core.image_size import own_resolution
 from distill.core.images import build_transform, collate_skipping
 from distill.core.metrics import evaluate_classifier
 from distill.core.order import resumable_loader
-from distill.core.precision import AMP_DTYPES, check_amp
-from distill.core.recipes import resolve_recipe
+from distill.core.precision import AMP_DTYPES
 from distill.core.runlog import plot_metrics
-from distill.core.schedule import build_scheduler, scale_lr
-from distill.students.artifact import default_test_size, load_student, save_student
-from distill.students.decay import matched_weight_decay
+from distill.core.schedule import scale_lr
+from distill.core.trainer_kit import (RUN_SAFE_ON_RESUME, lr_scheduler, seed_for_build, seed_for_training,
+                                      sharded_eval_loader)
+from distill.students.artifact import default_test_size, load_student, save_student, with_classes
+from distill.students.decay import weight_decay_for
 from distill.students.stages import parse_multipliers, stage_param_groups
 
-from .datasets import Split, TransferData, dataset_names, load_dataset
+from .config import backbone_label, check, dataset_label, default_out, load, parse
+from .datasets import load_dataset
+from .splits import Split, TransferData
 
 Diverged = NonFiniteLoss  # what transfer.search catches for a cell whose loss blew up
-
-# The schema: every key a recipe (configs/transfer/*.yaml) or -o may set, with its default.
-DEFAULTS = dict(
-    dataset=None,              # flowers102 caltech101 pets dtd aircraft cars sun397 cifar10 cifar100 food101 | demo | folder:PATH
-    backbone=None,             # student artifact name or path, or timm:ARCH
-    pretrained=False,          # timm:ARCH only: start from timm's ImageNet weights (needs network or a timm cache)
-    run=dict(RUN_DEFAULTS, out_dir=None),   # out_dir null: runs/transfer/<dataset>/<backbone>[_select]
-    data=dict(
-        root=None,             # default $SSLD_DATA or ./data
-        download=False,        # let torchvision download the dataset into the root
-        split="final",         # final: fit train+val, report test | select: fit train, report val (grid search)
-        val_fraction=0.2,      # held-out share of the official training set where no validation split exists
-        split_seed=0,          # seeds the held-out validation split and Caltech101's 30 images per class
-        image_size=0,          # train resolution; 0 = the artifact's preprocessing.input_size
-        test_size=0,           # the higher test resolution; 0 = the artifact's test_input_size (about 1.15x)
-        crop_scale=None,       # RandomResizedCrop area range; null = by resolution (see crop_scale_for)
-        batch_size=64,         # global: split evenly over the torchrun processes
-        eval_batch_size=0,     # global; 0 = 2 x batch_size
-        mixup=0.0,             # Beta(alpha, alpha) mixing with the batch rolled by one; 0 = off
-    ),
-    optim=dict(
-        lr=0.01,               # base lr of the classifier at base_batch (scaled linearly); stage i: lr * lr_mult[i]
-        base_batch=64,
-        lr_mult=None,          # 5 numbers, e.g. 0.1,0.1,0.2,0.2,0.3; null = the artifact's recommended.transfer
-        head_mult=1.0,
-        weight_decay=None,     # null = matched to the artifact's pretraining L2 (distill.students.decay)
-        default_weight_decay=1.0e-4,   # ... or this when the artifact records none
-        momentum=0.9,
-        nesterov=True,         # Kornblith et al. fine-tune with Nesterov momentum
-    ),
-    loss=dict(label_smoothing=0.0),
-    schedule=dict(kind="cosine", epochs=30, warmup_epochs=1.0, warmup_factor=0.001, min_factor=0.0,
-                  milestones=[], gamma=0.1),   # milestones in epochs (kind: step)
-    eval=dict(every_epochs=1),                 # epochs between evaluations (0: only at the end)
-    fix=dict(                  # FixRes: fine-tune only the classifier at the test resolution, test preprocessing
-        enabled=False,
-        epochs=2,
-        lr=0.01,
-        batch_size=0,          # 0 = data.batch_size
-        bn_stats=False,        # also re-estimate BatchNorm running statistics at the test resolution
-    ),
-)
-RANGES = {
-    "data": {"image_size": (0, None), "test_size": (0, None), "batch_size": (1, None), "eval_batch_size": (0, None),
-             "mixup": (0.0, None), "crop_scale": (0.0, 1.0)},
-    "optim": {"lr": (0.0, None), "base_batch": (1, None), "head_mult": (0.0, None), "weight_decay": (0.0, None),
-              "default_weight_decay": (0.0, None), "momentum": (0.0, 1.0)},
-    "loss": {"label_smoothing": (0.0, 1.0)},
-    "schedule": {"epochs": (0, None), "warmup_epochs": (0.0, None), "warmup_factor": (0.0, 1.0),
-                 "min_factor": (0.0, 1.0)},
-    "eval": {"every_epochs": (0, None)},
-    "fix": {"epochs": (0, None), "lr": (0.0, None), "batch_size": (0, None)},
-}
-# Flags on top of -c/-o: (flag, config key, type, help). --out-dir and --restart come with every trainer.
-FLAGS = [
-    ("--dataset", "dataset", str, f"one of {dataset_names()}"),
-    ("--backbone", "backbone", str, "student artifact name or path, or timm:ARCH"),
-    ("--data-root", "data.root", str, "dataset root (default $SSLD_DATA or ./data)"),
-    ("--split", "data.split", str, "final (fit train+val, report test) or select (fit train, report val)"),
-    ("--lr", "optim.lr", float, "base learning rate (the classifier's)"),
-    ("--lr-mult", "optim.lr_mult", str, "5 per-stage multipliers, e.g. 0.1,0.1,0.2,0.2,0.3 "
-                                        "(default: the artifact's recommended.transfer)"),
-    ("--weight-decay", "optim.weight_decay", float, "default: matched to the artifact's pretraining L2"),
-    ("--epochs", "schedule.epochs", int, "fine-tuning epochs (0: only --fix)"),
-    ("--batch-size", "data.batch_size", int, "global batch size"),
-    ("--image-size", "data.image_size", int, "train resolution (default: the artifact's)"),
-    ("--test-size", "data.test_size", int, "higher test resolution (default about 1.15x the train size)"),
-    ("--label-smoothing", "loss.label_smoothing", float, "label smoothing epsilon in [0, 1]"),
-    ("--mixup", "data.mixup", float, "mixup alpha (0: off)"),
-    ("--amp", "run.amp", str, "off | bf16 | fp16"),
-    ("--workers", "run.workers", int, "data loader processes"),
-    ("--fix-epochs", "fix.epochs", int, "epochs of the Fix stage"),
-    ("--fix-lr", "fix.lr", float, "learning rate of the Fix stage"),
-    ("--device", "run.device", str, "auto | cpu | cuda"),
-    ("--seed", "run.seed", int, "random seed"),
-]
-SWITCHES = [  # (flag, config key, value, help)
-    ("--download", "data.download", True, "let torchvision download the dataset into the data root"),
-    ("--channels-last", "run.channels_last", True, "channels_last memory format"),
-    ("--fix", "fix.enabled", True, "then fine-tune the classifier at the test resolution (FixRes)"),
-    ("--fix-bn", "fix.bn_stats", True, "with --fix: also re-estimate BatchNorm statistics"),
-    ("--pretrained", "pretrained", True, "timm:ARCH only: start from timm's pretrained weights"),
-    ("--no-progress", "run.progress", False, "no progress bar"),
-]
-
-
-# ---------------------------------------------------------------------------------------------------
-# Config: recipe <- -o overrides <- command-line flags.
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_trainer_args(parser)
-    for flag, key, typ, text in FLAGS:
-        parser.add_argument(flag, dest=key, type=typ, default=None, help=text,
-                            metavar=flag[2:].upper().replace("-", "_"))
-    for flag, key, value, text in SWITCHES:
-        parser.add_argument(flag, dest=key, action="store_const", const=value, default=None, help=text)
-
-
-def build_config(args: argparse.Namespace) -> Config:
-    """The recipe (-c, else the dataset's recipe transfer/<dataset> when one exists), -o overrides, flags."""
-    keys = {key for _, key, *_ in FLAGS + SWITCHES} | {"run.out_dir"}
-    flags = {k: v for k, v in vars(args).items() if k in keys}
-    path = args.config
-    dataset = flags.get("dataset") or ""
-    if path is None and dataset and "/" not in dataset and ":" not in dataset:
-        try:
-            path = resolve_recipe(f"transfer/{dataset}")
-        except UserError:
-            path = None   # no recipe for this dataset: the defaults
-    cfg = load_config(path, args.override, DEFAULTS, flags=flags)
-    return check_config(cfg)
-
-
-def check_config(cfg: Config) -> Config:
-    if not cfg.dataset:
-        raise UserError(f"no dataset: pass --dataset ({dataset_names()})")
-    if not cfg.backbone:
-        raise UserError("no backbone: pass --backbone NAME|PATH|timm:ARCH (e.g. timm:resnet18d)")
-    check_ranges(cfg.run, RUN_RANGES, "run.")
-    for section, ranges in RANGES.items():
-        check_ranges(cfg[section], ranges, f"{section}.")
-    cfg.run.amp = check_amp(cfg.run.amp)
-    for key, allowed in {"data.split": ("final", "select"), "schedule.kind": ("cosine", "step"),
-                         "run.device": ("auto", "cpu", "cuda")}.items():
-        section, name = key.split(".")
-        if cfg[section][name] not in allowed:
-            raise UserError(f"{key}={cfg[section][name]!r}; expected one of {', '.join(allowed)}")
-    if cfg.fix.enabled and cfg.fix.epochs < 1:
-        raise UserError(f"fix.epochs={cfg.fix.epochs}: needs at least 1 with --fix")
-    if cfg.schedule.epochs == 0 and not cfg.fix.enabled:
-        raise UserError("schedule.epochs=0: needs at least 1 (0 only with --fix)")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction={cfg.data.val_fraction}: expected a fraction in (0, 1)")
-    if cfg.data.crop_scale is not None and (len(cfg.data.crop_scale) != 2 or
-                                            cfg.data.crop_scale[0] > cfg.data.crop_scale[1]):
-        raise UserError(f"data.crop_scale={cfg.data.crop_scale!r}: expected [low, high] with 0 <= low <= high <= 1")
-    if cfg.optim.lr_mult is not None:
-        parse_multipliers(cfg.optim.lr_mult)
-    return cfg
-
-
-def backbone_label(backbone: str) -> str:
-    if backbone.startswith("timm:"):
-        return "timm-" + backbone[len("timm:"):]
-    return Path(backbone).stem or backbone
-
-
-def dataset_label(dataset: str) -> str:
-    """A folder name for a dataset: flowers102, or folder-NAME for folder:PATH/NAME."""
-    return "folder-" + Path(dataset[len("folder:"):]).name if dataset.startswith("folder:") else dataset
-
-
-def default_out(cfg) -> Path:
-    return Path("runs") / "transfer" / dataset_label(cfg.dataset) / (
-        backbone_label(cfg.backbone) + ("_select" if cfg.data.split == "select" else ""))
-
 
 # ---------------------------------------------------------------------------------------------------
 # Build: resolved hyper-parameters, transforms, optimizer. No training here.
@@ -234,7 +80,30 @@ class Resolved:
         return "; ".join(f"{k} {v}" for k, v in self.sources.items())
 
 
-def resolve_defaults(cfg, meta: dict) -> Resolved:
+def sample_images(split: Split, n: int = 64) -> list:
+    """Paths where the source lists its files (ImageFolder: headers only), else decoded images."""
+    picks = sorted({round(i * (len(split) - 1) / max(n - 1, 1)) for i in range(min(n, len(split)))})
+    out = []
+    for i in picks:
+        s, j = split.items[i]
+        listed = getattr(split.sources[s], "samples", None)
+        out.append(listed[j][0] if listed else split.sources[s][j][0])
+    return out
+
+
+def train_size(cfg, meta: dict, data: TransferData | None) -> tuple[int, str]:
+    """(train resolution, where it came from): given; else the data's own size for a backbone with no
+    pretrained resolution (random init); else the artifact's."""
+    if cfg.data.image_size:
+        return cfg.data.image_size, "given"
+    if data is not None and (meta.get("pretrain") or {}).get("source") == "random init":
+        size, why = own_resolution(sample_images(data.train))
+        if size is not None:
+            return size, f"{why}; random init has no pretrained resolution"
+    return int(meta["preprocessing"]["input_size"]), "the backbone's preprocessing"
+
+
+def resolve_defaults(cfg, meta: dict, data: TransferData | None = None) -> Resolved:
     sources = {}
     family = meta.get("stages", {}).get("family", "generic")
     if cfg.optim.lr_mult is not None:
@@ -243,13 +112,10 @@ def resolve_defaults(cfg, meta: dict) -> Resolved:
     else:
         mults = parse_multipliers(meta.get("recommended", {}).get("transfer") or [1.0] * 5, family)
         sources["lr_mult"] = f"{_fmt(mults)} (the artifact's recommended.transfer)"
-    if cfg.optim.weight_decay is not None:
-        wd, why = float(cfg.optim.weight_decay), f"{float(cfg.optim.weight_decay):g} (given)"
-    else:
-        wd, why = matched_weight_decay(meta, cfg.optim.default_weight_decay, "--weight-decay / optim.weight_decay")
-    sources["weight_decay"] = why
+    wd, sources["weight_decay"] = weight_decay_for(cfg.optim.weight_decay, meta, cfg.optim.default_weight_decay,
+                                                   "--weight-decay / optim.weight_decay")
     prep = meta["preprocessing"]
-    size = cfg.data.image_size or int(prep["input_size"])
+    size, size_why = train_size(cfg, meta, data)
     if cfg.data.test_size:
         test = cfg.data.test_size
     elif size == int(prep["input_size"]) and prep.get("test_input_size"):
@@ -257,7 +123,8 @@ def resolve_defaults(cfg, meta: dict) -> Resolved:
     else:
         test = default_test_size(size)
     scale = tuple(cfg.data.crop_scale) if cfg.data.crop_scale is not None else crop_scale_for(size)
-    sources["resolution"] = f"train {size} px (crops of {scale[0]:g}-{scale[1]:g} of the area), test {test} px"
+    sources["resolution"] = (f"train {size} px ({size_why}; crops of {scale[0]:g}-{scale[1]:g} of the area), "
+                             f"test {test} px")
     return Resolved(mults, wd, size, test, scale, family, sources)
 
 
@@ -298,13 +165,6 @@ def fitting_batch(batch_size: int, n_train: int, dist: DistInfo, name: str) -> i
     return per_rank
 
 
-def eval_loader(dataset, batch_size: int, workers: int, dist: DistInfo) -> DataLoader:
-    """Each rank a disjoint stride of the data, so the reduced metric counts every image exactly once."""
-    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size))
-    return DataLoader(shard, batch_size, shuffle=False, num_workers=workers, collate_fn=collate_skipping,
-                      pin_memory=dist.device.type == "cuda", generator=torch.Generator())
-
-
 def mix_batch(images, labels, alpha: float):
     """Mixup with the batch rolled by one, lam ~ Beta(alpha, alpha) from the torch RNG (checkpointed per rank)."""
     lam = float(torch.distributions.Beta(alpha, alpha).sample())
@@ -336,16 +196,18 @@ class Run:
     def evaluate(self, net: nn.Module, size: int) -> dict:
         cfg = self.cfg
         batch = (cfg.data.eval_batch_size or 2 * cfg.data.batch_size) // self.dist.world_size
-        loader = eval_loader(self.eval_split.with_transform(transform("test", self.meta["preprocessing"], size)),
-                             max(batch, 1), cfg.run.workers, self.dist)
-        if cfg.run.channels_last:
-            loader = ((x.contiguous(memory_format=torch.channels_last), *rest) for x, *rest in loader)
-        return evaluate_classifier(net, loader, self.dist.device, self.data.num_classes, AMP_DTYPES[cfg.run.amp])
+        loader = sharded_eval_loader(self.eval_split.with_transform(transform("test", self.meta["preprocessing"], size)),
+                                     batch, cfg.run.workers, self.dist)
+        return evaluate_classifier(net, loader, self.dist.device, self.data.num_classes, AMP_DTYPES[cfg.run.amp],
+                                   channels_last=cfg.run.channels_last)
 
 
 class FinetuneTask(Task):
     """One phase (finetune, or fix) of a fine-tuning run, as the engine runs it."""
     min_batch = 2  # BatchNorm cannot train on one image
+    safe_on_resume = RUN_SAFE_ON_RESUME + ("optim.lr", "optim.clip_grad_norm", "schedule.epochs", "fix.epochs",
+                                          "fix.lr")
+    advice = ("optim.lr", "optim.clip_grad_norm")
 
     def __init__(self, run: Run, phase: str):
         cfg, dist, res = run.cfg, run.dist, run.res
@@ -367,12 +229,9 @@ class FinetuneTask(Task):
         self.optimizer = torch.optim.SGD(param_groups(run.model, cfg, res, phase, lr), lr=lr,
                                          momentum=cfg.optim.momentum,
                                          nesterov=cfg.optim.nesterov and cfg.optim.momentum > 0)
-        s = cfg.schedule
-        self.scheduler = build_scheduler(
-            self.optimizer, "cosine" if fix else s.kind, total_steps=self.epochs * self.steps_per_epoch,
-            warmup_steps=0 if fix else int(round(s.warmup_epochs * self.steps_per_epoch)),
-            milestones=[int(m * self.steps_per_epoch) for m in s.milestones], gamma=s.gamma,
-            warmup_factor=s.warmup_factor, min_factor=s.min_factor)
+        schedule = dict(cfg.schedule, kind="cosine", epochs=self.epochs, warmup_epochs=0.0) if fix else cfg.schedule
+        self.scheduler = lr_scheduler(self.optimizer, schedule, self.steps_per_epoch)
+        self.clip_grad_norm = cfg.optim.clip_grad_norm
         self.eval_every_epochs = cfg.eval.every_epochs
         self.label_smoothing = 0.0 if fix else cfg.loss.label_smoothing
         self.mixup = 0.0 if fix else cfg.data.mixup
@@ -421,13 +280,14 @@ def _fine_tune(cfg, dist: DistInfo, restart: bool, data: TransferData | None) ->
     data = data or load_dataset(cfg.dataset, cfg.data.root, cfg.data.download, cfg.data.val_fraction,
                                 cfg.data.split_seed)
     final = cfg.data.split == "final"
-    torch.manual_seed(cfg.run.seed)  # same initial weights on every rank
+    seed_for_build(cfg.run.seed)
     model, meta = load_student(cfg.backbone, num_classes=data.num_classes, pretrained=cfg.pretrained)
     model.to(dist.device)
+    seed_for_training(cfg.run.seed, dist)
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(cfg.to_dict(), indent=2)))
-    run = Run(cfg, dist, model, meta, resolve_defaults(cfg, meta), data,
+    run = Run(cfg, dist, model, meta, resolve_defaults(cfg, meta, data), data,
               data.trainval if final else data.train, data.test if final else data.val, "test" if final else "val",
               out, {})
     run.say(f"{data.name}: {data.num_classes} classes, fit {len(run.fit_split)} images "
@@ -462,11 +322,11 @@ def run_phase(run: Run, phase: str, restart: bool) -> None:
     if fix:
         run.say(f"Fix: classifier only at {task.size} px with the test preprocessing"
                 + (", re-estimating BatchNorm statistics" if cfg.fix.bn_stats else ", BatchNorm frozen"))
-    engine = Engine(task, cfg.run, run.dist, dict(cfg.to_dict(), phase=phase), restart=restart,
+    engine = Engine(task, cfg, run.dist, restart=restart,
                     checkpoint_name="checkpoint_fix.pt" if fix else "checkpoint.pt")
     engine.run()
     at_train, at_test = run.evaluate(engine.net, res.image_size), run.evaluate(engine.net, res.test_size)
-    results["skipped_images"] = results.get("skipped_images", 0) + sum(engine.skipped_per_rank())
+    results["skipped_images"] = results.get("skipped_images", 0) + engine.skipped_total()
     results[phase] = dict(epochs=task.epochs, at_train_size=at_train, at_test_size=at_test,
                           score=at_train[metric], score_test_size=at_test[metric])
     if fix:
@@ -484,8 +344,9 @@ def artifact_meta(meta: dict, data: TransferData, cfg, res: Resolved, results: d
     meta = copy.deepcopy(meta)
     name = f"{backbone_label(cfg.backbone)}_{dataset_label(data.name)}" + ("_fix" if fix else "")
     meta.update(name=name, num_classes=data.num_classes)
+    meta = with_classes(meta, data.classes, data.root if data.name.startswith("folder:") else data.name)
     meta["preprocessing"] = {**meta["preprocessing"], "input_size": res.image_size, "test_input_size": res.test_size}
-    meta["transfer"] = dict(dataset=data.name, classes=data.classes, metric=data.metric, split=cfg.data.split,
+    meta["transfer"] = dict(dataset=data.name, metric=data.metric, split=cfg.data.split,
                             backbone=cfg.backbone, lr=cfg.optim.lr, lr_mult=res.lr_mult, weight_decay=res.weight_decay,
                             epochs=cfg.schedule.epochs, batch_size=cfg.data.batch_size, fix=fix,
                             fix_bn_stats=cfg.fix.bn_stats if fix else None,
@@ -510,16 +371,9 @@ def format_results(r: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m transfer.finetune", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    add_arguments(parser)
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    return fine_tune(build_config(args), restart=args.restart)
+    args = parse(argv, __doc__)
+    return fine_tune(check(load(args)), restart=args.restart)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ Grid axes are `key=v1,v2,...` (lr, wd, lr_mult, epochs, mixup, label_smoothing, 
 as optim.momentum); lr_mult lists are separated by ':'. Without --grid the grid of
 configs/transfer/search.yaml is used. Cells run one after another, or spread over the GPUs present (one
 cell per GPU at a time). Every cell is a transfer.finetune run folder under OUT/cells/: a finished cell
-is skipped on restart and an interrupted one resumes from its checkpoint. Reports: OUT/search.csv,
-OUT/search.md and OUT/search.png (validation heatmap); the final run is OUT/final/<cell>/.
+is skipped on restart and an interrupted one resumes from its checkpoint. Reports (transfer.search_report):
+OUT/search.csv, OUT/search.md and OUT/search.png (validation heatmap); the final run is OUT/final/<cell>/.
 --all runs the ten datasets for two backbones and writes OUT/transfer_table.md (dataset, baseline,
 distilled), the PaddleClas-style table.
 
@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import itertools
 import json
 import multiprocessing as mp
 import os
-import re
 import time
 import traceback
 from pathlib import Path
@@ -41,14 +39,13 @@ from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 from distill.core.recipes import resolve_recipe
 from distill.students.stages import parse_multipliers
 
+from . import config as tcfg
 from . import finetune as ft
 from .datasets import TEN, load_dataset
+from .search_report import ALIASES, SHORT, best_row, cell_id, row_of, summary_line, write_reports, \
+    write_table
 
 SEARCH_CONFIG = resolve_recipe("transfer/search")
-ALIASES = {"lr": "optim.lr", "wd": "optim.weight_decay", "weight_decay": "optim.weight_decay",
-           "lr_mult": "optim.lr_mult", "epochs": "schedule.epochs", "mixup": "data.mixup",
-           "label_smoothing": "loss.label_smoothing", "batch_size": "data.batch_size"}
-SHORT = {v: k for k, v in ALIASES.items() if k not in ("weight_decay",)}
 PLAIN_MULT = [1.0] * 5
 
 
@@ -57,7 +54,7 @@ PLAIN_MULT = [1.0] * 5
 
 def parse_grid(items) -> dict[str, list]:
     """['lr=0.01,0.003', 'lr_mult=1,1,1,1,1:0.1,...'] -> {'optim.lr': [0.01, 0.003], 'optim.lr_mult': [...]}"""
-    schema = ft.DEFAULTS
+    schema = tcfg.DEFAULTS
     grid = {}
     for item in items:
         if "=" not in item:
@@ -100,19 +97,6 @@ def add_multiplier_axis(grid: dict, meta: dict) -> dict:
     if "optim.lr_mult" not in grid and recommended != PLAIN_MULT:
         grid = {**grid, "optim.lr_mult": [recommended, PLAIN_MULT]}
     return grid
-
-
-def fmt_value(value) -> str:
-    if isinstance(value, (list, tuple)):
-        return "-".join(fmt_value(v) for v in value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    return str(value)
-
-
-def cell_id(cell: dict) -> str:
-    text = "_".join(f"{SHORT.get(k, k)}={fmt_value(v)}" for k, v in cell.items())
-    return re.sub(r"[^A-Za-z0-9_.=+-]", "", text)
 
 
 def cells_of(grid: dict) -> list[dict]:
@@ -256,138 +240,6 @@ def search(base: Config, grid: dict | None, out: Path, gpus: int = 0, final: boo
     return summary
 
 
-def row_of(name: str, cell: dict, results: dict, metric: str) -> dict:
-    row = {"cell": name}
-    row.update({SHORT.get(k, k): fmt_value(v) if isinstance(v, list) else v for k, v in cell.items()})
-    if "diverged" in results:
-        return {**row, "val": None, "val_at_test_size": None, "weight_decay_used": None, "seconds": None,
-                "diverged": True}
-    row.update(val=round(results["score"], 4), val_at_test_size=round(results["score_test_size"], 4),
-               weight_decay_used=results["weight_decay"], seconds=results.get("seconds"))
-    return row
-
-
-def best_row(rows: list[dict]) -> dict:
-    """The highest validation score; the first of equals in the grid's order."""
-    return max((r for r in rows if r["val"] is not None), key=lambda r: r["val"])
-
-
-def summary_line(s: dict) -> str:
-    text = f"{s['dataset']} / {s['backbone']}: best {s['best_cell']} (val {s['metric']} {s['best_val']:.2f})"
-    if "test" in s:
-        text += (f"; test {s['test']:.2f} at {s['train_size']} px, {s['test_at_test_size']:.2f} at "
-                 f"{s['test_size']} px")
-    return text + f"; {s['seconds']:.0f} s"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Reports
-
-def write_reports(out: Path, grid: dict, rows: list[dict], metric: str, summary: dict | None) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    if not rows:
-        return
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=columns)
-            w.writeheader()
-            w.writerows(rows)
-    atomic_write(out / "search.csv", write_csv)
-    best = best_row(rows) if any(r["val"] is not None for r in rows) else None
-    lines = [f"# Transfer grid search: {summary['dataset']} / {summary['backbone']}" if summary else
-             "# Transfer grid search (in progress)", "",
-             f"Validation {metric} (model selection), at the train resolution and the test resolution.", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for r in rows:
-        mark = "**" if r is best else ""
-        lines.append("| " + " | ".join(f"{mark}{_cell_text(r.get(c))}{mark}" for c in columns) + " |")
-    if summary and "test" in summary:
-        lines += ["", f"Best cell `{summary['best_cell']}` retrained on train+val: test {metric} "
-                      f"**{summary['test']:.2f}** at {summary['train_size']} px, "
-                      f"**{summary['test_at_test_size']:.2f}** at {summary['test_size']} px"
-                  + (f", {summary['test_fix']:.2f} after Fix" if "test_fix" in summary else "") + "."]
-    if summary:
-        lines += ["", f"{summary['cells']} cells, {summary['seconds']:.0f} s."]
-        atomic_write(out / "summary.json", lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=2)))
-    atomic_write(out / "search.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    if summary:
-        plot_heatmap(out / "search.png", grid, rows, metric)
-
-
-def _cell_text(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:g}"
-    return "" if v is None else str(v)
-
-
-AXIS_NAMES = {"lr": "learning rate", "wd": "weight decay", "lr_mult": "lr multipliers"}
-METRIC_NAMES = {"top1": "top-1 accuracy", "mean_per_class": "mean per-class accuracy"}
-
-
-def plot_heatmap(path: Path, grid: dict, rows: list[dict], metric: str) -> Path:
-    """Validation score over lr (rows) x weight decay (columns); one panel per value of the other axes, one
-    colour scale for all panels (with its bar), the selected cell outlined, diverged cells marked."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from matplotlib.colors import Normalize
-    from matplotlib.patches import Rectangle
-
-    keys = list(grid)
-    row_key = "optim.lr" if "optim.lr" in keys else keys[0]
-    rest = [k for k in keys if k != row_key]
-    col_key = "optim.weight_decay" if "optim.weight_decay" in rest else (rest[0] if rest else None)
-    panel_keys = [k for k in rest if k != col_key]
-    panels = list(itertools.product(*(grid[k] for k in panel_keys))) or [()]
-    r_vals, c_vals = grid[row_key], grid[col_key] if col_key else [None]
-    scores = {r["cell"]: r["val"] for r in rows}   # None: diverged; absent: not run yet
-    best = best_row(rows)["cell"] if any(r["val"] is not None for r in rows) else None
-
-    def cell_at(i, j, panel):
-        cell = {row_key: r_vals[i], **({col_key: c_vals[j]} if col_key else {}), **dict(zip(panel_keys, panel))}
-        return cell_id({k: cell[k] for k in keys})
-
-    values = [np.array([[scores.get(cell_at(i, j, p)) for j in range(len(c_vals))] for i in range(len(r_vals))],
-                       dtype=float) for p in panels]
-    finite = np.concatenate([v[np.isfinite(v)] for v in values])
-    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
-    norm = Normalize(lo - 0.5, hi + 0.5) if hi - lo < 1e-9 else Normalize(lo, hi)
-    cmap = plt.get_cmap("viridis").with_extremes(bad="0.88")
-    name = lambda k: AXIS_NAMES.get(SHORT.get(k, k), SHORT.get(k, k))  # noqa: E731
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, layout="constrained",
-                             figsize=(max(5.5, 1.6 + len(panels) * (1.3 + 0.85 * len(c_vals))),
-                                      max(3.2, 1.7 + 0.5 * len(r_vals))))
-    for ax, panel, grid_vals in zip(axes[0], panels, values):
-        image = ax.imshow(np.ma.masked_invalid(grid_vals), cmap=cmap, norm=norm, aspect="auto")
-        for i in range(len(r_vals)):
-            for j in range(len(c_vals)):
-                cid, v = cell_at(i, j, panel), grid_vals[i, j]
-                if np.isfinite(v):
-                    r, g, b, _ = cmap(norm(v))
-                    ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"  # legible on any fill
-                    ax.text(j, i, f"{v:.1f}", ha="center", va="center", color=ink, fontsize=9)
-                elif cid in scores:
-                    ax.text(j, i, "diverged", ha="center", va="center", color="0.3", fontsize=7)
-                if cid == best:
-                    ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="red", lw=2.5))
-        ax.set_yticks(range(len(r_vals)), [fmt_value(v) for v in r_vals], fontsize=9)
-        ax.set_xticks(range(len(c_vals)), [fmt_value(v) if v is not None else "" for v in c_vals], fontsize=9)
-        ax.set_ylabel(name(row_key), fontsize=10)
-        ax.set_xlabel(name(col_key) if col_key else "", fontsize=10)
-        if panel_keys:
-            ax.set_title(", ".join(f"{SHORT.get(k, k)} = {fmt_value(v)}" for k, v in zip(panel_keys, panel)),
-                         fontsize=10)
-    label = f"validation {METRIC_NAMES.get(metric, metric)} (%)"
-    fig.colorbar(image, ax=axes[0].tolist(), label=label, shrink=0.9, pad=0.02)
-    fig.suptitle(label + ("\nred box: the selected cell" if best else ""), fontsize=10)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
 # ---------------------------------------------------------------------------------------------------
 # --all: the ten datasets x (baseline, distilled)
 
@@ -402,8 +254,8 @@ def search_all(args, grid, out: Path, gpus: int, datasets) -> list[dict]:
         for role, backbone in backbones.items():
             ns = argparse.Namespace(**{**vars(args), "dataset": name, "backbone": backbone})
             try:
-                base = ft.build_config(ns)
-                s = search(base, grid, out / ft.dataset_label(name) / ft.backbone_label(backbone), gpus)
+                base = tcfg.check(tcfg.load(ns))
+                s = search(base, grid, out / tcfg.dataset_label(name) / tcfg.backbone_label(backbone), gpus)
                 row[role] = s["test"]
                 row["metric"] = s["metric"]
             except Exception as e:  # a dataset that is not there, or a crash, does not stop the others
@@ -426,26 +278,10 @@ def search_all(args, grid, out: Path, gpus: int, datasets) -> list[dict]:
     return table
 
 
-def write_table(out: Path, table: list[dict], backbones: dict) -> None:
-    lines = ["# Transfer results (test, Kornblith et al. protocol)", "",
-             f"baseline: `{backbones['baseline']}`, distilled: `{backbones['distilled']}`. "
-             "Mean per-class accuracy for Aircraft, Pets, Caltech101, Flowers; top-1 elsewhere.", "",
-             "| dataset | metric | baseline | distilled | gain |", "|---|---|---|---|---|"]
-    for r in table:
-        b, d = r.get("baseline"), r.get("distilled")
-        show = (lambda v: "n/a" if v is None else f"{v:.2f}")
-        gain = f"{d - b:+.2f}" if b is not None and d is not None else ""
-        lines.append(f"| {r['dataset']} | {r.get('metric', '')} | {show(b)} | {show(d)} | {gain} |")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "transfer_table.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
-    atomic_write(out / "transfer_table.json", lambda tmp: Path(tmp).write_text(json.dumps(table, indent=2)))
-    print("\n".join(lines), flush=True)
-
-
 def main(argv=None):
     parser = ArgumentParser(prog="python -m transfer.search", description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ft.add_arguments(parser)
+    tcfg.add_arguments(parser)
     parser.add_argument("--grid", nargs="+", metavar="KEY=V1,V2", help="grid axes (default: the recipe transfer/search)")
     parser.add_argument("--gpus", type=number_in(int, 0), default=None, help="GPUs to spread cells over (default: all present)")
     parser.add_argument("--no-final", action="store_true", help="skip retraining the best cell on train+val")
@@ -461,10 +297,10 @@ def main(argv=None):
             raise UserError("--all needs --baseline BACKBONE and --distilled BACKBONE")
         out = Path(getattr(args, "run.out_dir") or "runs/transfer_search")
         return search_all(args, grid, out, gpus, [d.strip() for d in args.datasets.split(",") if d.strip()])
-    base = ft.build_config(args)
+    base = tcfg.check(tcfg.load(args))
     if base.run.device == "cpu":
         gpus = 0
-    out = Path(base.run.out_dir) if base.run.out_dir else Path("runs") / "transfer_search" / ft.default_out(base).relative_to(
+    out = Path(base.run.out_dir) if base.run.out_dir else Path("runs") / "transfer_search" / tcfg.default_out(base).relative_to(
         Path("runs") / "transfer")
     return search(base, grid, out, gpus, final=not args.no_final)
 

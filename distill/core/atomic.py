@@ -179,3 +179,21 @@ def atomic_write(path, write: Callable[[str], None]) -> Path:
             raise refused from None
         raise
     return path
+
+
+def ensure_writable(folder) -> Path:
+    """Create `folder` and prove a file can be written in it, or raise OutputError naming it. For writers
+    that write from a thread of their own (TensorBoard's): refused there, the error would surface as a
+    thread's traceback instead of one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe.", suffix=".tmp", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        refused = _output_error(e, folder)
+        if refused is not None:
+            raise refused from None
+        raise
+    return folder

@@ -144,11 +144,15 @@ def _all_keys(schema: Mapping, prefix: str = "") -> list[str]:
     return keys
 
 
-def validate(cfg: Mapping, schema: Mapping, source: str = "config", _prefix: str = "", _root=None) -> None:
-    """Raise ConfigError for unknown keys and type mismatches (int is accepted where a float is expected)."""
+def validate(cfg: Mapping, schema: Mapping, source: str = "config", _prefix: str = "", _root=None,
+             renamed: Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError for unknown keys and type mismatches (int is accepted where a float is expected).
+    `renamed` maps a retired dotted key to the one line that names its successor."""
     root = schema if _root is None else _root
     for key, value in cfg.items():
         dotted = _prefix + str(key)
+        if renamed and dotted in renamed:
+            raise ConfigError(f"'{dotted}' in {source}: {renamed[dotted]}")
         if key not in schema:
             near = difflib.get_close_matches(dotted, _all_keys(root), n=1, cutoff=0.6)
             if not near:
@@ -163,7 +167,7 @@ def validate(cfg: Mapping, schema: Mapping, source: str = "config", _prefix: str
             if not isinstance(value, Mapping):
                 raise ConfigError(f"'{dotted}' in {source} must be a mapping, got {_type_name(value)} {value!r}")
             if expected:  # an empty default mapping accepts free-form content
-                validate(value, expected, source, dotted + ".", root)
+                validate(value, expected, source, dotted + ".", root, renamed)
             continue
         ok = isinstance(value, type(expected)) and not (isinstance(value, bool) and not isinstance(expected, bool))
         if isinstance(expected, float) and isinstance(value, int) and not isinstance(value, bool):
@@ -210,9 +214,9 @@ def nest(flat: Mapping[str, Any]) -> dict:
 
 
 def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | str | Path = None,
-                flags: Mapping[str, Any] | None = None) -> Config:
-    """defaults <- path (with its _base_ chain) <- -o overrides <- command-line flags ({dotted key: value}),
-    each layer validated against the defaults."""
+                flags: Mapping[str, Any] | None = None, renamed: Mapping[str, str] | None = None) -> Config:
+    """defaults <- path (with its _base_ chain) <- command-line flags ({dotted key: value}) <- -o overrides,
+    each layer validated against the defaults (`renamed`: retired keys and what replaced them)."""
     if isinstance(defaults, (str, Path)):
         defaults = read_yaml(defaults)
     defaults = dict(defaults or {})
@@ -221,14 +225,15 @@ def load_config(path=None, overrides: Iterable[str] = (), defaults: Mapping | st
     user = load_yaml_with_bases(path) if path else {}
     source = str(path) if path else "defaults"
     if defaults:
-        validate(_coerce_floats(user, defaults), defaults, source)
+        validate(_coerce_floats(user, defaults), defaults, source, renamed=renamed)
     cfg = merge(defaults, user)
     overrides = list(overrides or [])
-    for layer, name in ((apply_overrides({}, overrides) if overrides else {}, "-o overrides"),
-                        (nest(flags or {}), "command-line flags")):
+    # -o last: it names a key outright, so "rerun with -o KEY=VALUE" wins over a shorthand flag for that key
+    for layer, name in ((nest(flags or {}), "command-line flags"),
+                        (apply_overrides({}, overrides) if overrides else {}, "-o overrides")):
         if layer:
             if defaults:
-                validate(_coerce_floats(layer, defaults), defaults, name)
+                validate(_coerce_floats(layer, defaults), defaults, name, renamed=renamed)
             cfg = merge(cfg, layer)
     return Config.wrap(cfg)
 

@@ -1,14 +1,10 @@
-"""Demo data: procedural shape scenes written as real JPEG files with class labels and COCO boxes.
+"""Demo data: the procedural shape scenes of distill.core.demo_scenes written as real JPEG files with class
+labels and COCO boxes.
 
 No machine of this project reaches the internet, so demos and tests cannot download a dataset; this
-module makes one. Each image shows one main shape (its class) and up to two smaller shapes of other
-classes on a cluttered background. Colour and texture are drawn independently of the class, so a model
-must learn shape. The files use the layouts real datasets use (ImageFolder, PaddleClas list files,
+module makes one. The files use the layouts real datasets use (ImageFolder, PaddleClas list files,
 COCO json), so the same code paths read them; annotations/instances_SPLIT_main.json keeps only each
-image's main object.
-
-Every image is drawn from its own numpy Generator seeded by (seed, split, class, index): the same
-seed gives byte-identical files, in any order or process.
+image's main object. The same seed gives byte-identical files.
 
     python -m distill.demo_data OUT_DIR [--classes 8 | --shapes heart,arrow] [--train-per-class 60
         --val-per-class 20 --image-size 96 --seed 0 --clutter 1.0 --unlabeled 0 --unlabeled-empty 0.0
@@ -17,42 +13,19 @@ seed gives byte-identical files, in any order or process.
 from __future__ import annotations
 
 import argparse
-import colorsys
-import dataclasses
 import json
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
+from distill.core.demo_scenes import (JPEG_QUALITY, SHAPES, is_off_topic, labeled_scene, object_mask,
+                                      render_scene, unlabeled_scene)
 from distill.core.errors import UserError, run_cli
 
-# Class order of the shape families: `num_classes=N` takes the first N. Label indices are the
-# alphabetical order of the names taken, which is the order torchvision's ImageFolder assigns.
-SHAPES = ("circle", "square", "triangle", "star", "ring", "cross", "hexagon", "crescent",
-          "heart", "arrow", "frame", "semicircle")
-
-SPLIT_CODES = {"train": 0, "val": 1, "unlabeled": 2, "pool_kind": 3}
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
-SUPERSAMPLE = 4                        # masks are drawn at 4x and box-filtered: anti-aliased edges
-JPEG_QUALITY = (45, 95)
-# Difficulty. Each nuisance (distractors, clutter lines, patterned fills) is present in only part of
-# the images, so clean and cluttered scenes mix. Measured with a 4-conv CNN from scratch (8 classes,
-# chance 12.5%): 60/class at 96 px -> 20-35% val top-1 after 30 epochs (it overfits: too few images);
-# 300/class at 64 px -> ~50% after 10 epochs and still climbing, train and val close.
-MAIN_RADIUS = (0.24, 0.40)             # fraction of the image side
-DISTRACTOR_RADIUS = (0.07, 0.13)       # always smaller than the main object
-DISTRACTOR_COUNT_P = (0.5, 0.3, 0.2)   # P(0, 1, 2 distractors)
-CLUTTER_LINES_P, MAX_CLUTTER_LINES = 0.35, 4
-PATTERNED_P = 0.5                      # else a solid (noisy) fill
-OBJECT_CONTRAST = 100                  # min RGB distance of an object's colour from the background under it
-PATTERN_CONTRAST = 70                  # max per-channel offset of a pattern's second colour
-BACKGROUND_CONTRAST = 90               # same, for the background's gradient / blotches
-MAX_NOISE = 12                         # max std of per-pixel noise in a fill
-PATTERN_KINDS = ("stripes", "checks", "blotches", "gradient")
 # The data of the one-command demo (python -m distill.demo): `demo` is the pretraining task (the teacher
 # learns from every train label, the students see labels for `labeled_per_class` of them plus a pool that
 # is half off-topic and holds mirrored copies of val images); `downstream` is the transfer task, four
@@ -63,278 +36,6 @@ PRESETS = {
     "downstream": dict(shapes=("arrow", "frame", "heart", "semicircle"), train_per_class=10, val_per_class=100,
                        image_size=32, clutter=0.3),
 }
-BACKGROUND_KINDS = ("solid", "gradient", "blotches")
-
-
-@dataclasses.dataclass(frozen=True)
-class Fill:
-    """How an object's (or the background's) pixels are coloured; `seed` drives its noise."""
-    kind: str
-    colors: tuple            # two RGB triples, floats 0..255
-    angle: float             # radians, for stripes / checks / gradient
-    period: float            # pixels, for stripes / checks; grid cells for blotches
-    noise: float             # std of per-pixel noise
-    seed: int
-
-
-@dataclasses.dataclass(frozen=True)
-class SceneObject:
-    shape: str
-    center: tuple            # (x, y) in pixels
-    radius: float            # pixels; the unit geometry has max radius 1
-    rotation: float          # radians
-    aspect: float            # x stretched by aspect, y by 1/aspect (before rotation)
-    fill: Fill
-    box: tuple               # (x0, y0, x1, y1), x1/y1 exclusive: the pixels the mask touches
-
-
-@dataclasses.dataclass(frozen=True)
-class Scene:
-    """Everything needed to draw one image; objects[0] is the main object (the image's class)."""
-    size: int
-    background: Fill
-    lines: tuple             # clutter lines: (x0, y0, x1, y1, width, (r, g, b))
-    objects: tuple
-    jpeg_quality: int
-
-    def without(self, index: int) -> "Scene":
-        return dataclasses.replace(self, objects=self.objects[:index] + self.objects[index + 1:])
-
-
-# ---------------------------------------------------------------------------------------------------
-# Geometry: each shape is solid polygons minus hole polygons, in unit coordinates (max radius 1).
-
-def _circle(r, cx=0.0, cy=0.0, n=64):
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    return np.stack([cx + r * np.cos(t), cy + r * np.sin(t)], 1)
-
-
-def _regular(n, r=1.0, phase=-np.pi / 2):
-    t = phase + np.arange(n) * 2 * np.pi / n
-    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
-
-
-def _star(points, outer, inner):
-    t = -np.pi / 2 + np.arange(2 * points) * np.pi / points
-    r = np.where(np.arange(2 * points) % 2 == 0, outer, inner)
-    return np.stack([r * np.cos(t), r * np.sin(t)], 1)
-
-
-def _heart(n=64):
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    x = np.sin(t) ** 3
-    y = -(13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)) / 16
-    return np.stack([x, y], 1)
-
-
-@lru_cache(maxsize=None)
-def shape_geometry(shape: str) -> tuple:
-    """(solids, holes): lists of (N, 2) polygons, centred on their bounding box, max radius 1."""
-    w = 0.3
-    solids, holes = {
-        "circle": ([_circle(1.0)], []),
-        "square": ([_regular(4, 1.0, np.pi / 4)], []),
-        "triangle": ([_regular(3)], []),
-        "star": ([_star(5, 1.0, 0.42)], []),
-        "ring": ([_circle(1.0)], [_circle(0.6)]),
-        "cross": ([np.array([(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1),
-                             (-w, w), (-1, w), (-1, -w), (-w, -w)], float)], []),
-        "hexagon": ([_regular(6)], []),
-        "crescent": ([_circle(1.0)], [_circle(0.82, cx=0.45)]),
-        "heart": ([_heart()], []),
-        "arrow": ([np.array([(-1, -0.2), (0.15, -0.2), (0.15, -0.55), (1, 0), (0.15, 0.55),
-                             (0.15, 0.2), (-1, 0.2)], float)], []),
-        "frame": ([_regular(4, 1.0, np.pi / 4)], [_regular(4, 0.62, np.pi / 4)]),
-        "semicircle": ([_circle(1.0)[:33]], []),   # t in [0, pi]: the lower half-disc
-    }[shape]
-    pts = np.concatenate(solids)
-    center = (pts.min(0) + pts.max(0)) / 2
-    scale = np.sqrt(((pts - center) ** 2).sum(1)).max()
-    return [(p - center) / scale for p in solids], [(p - center) / scale for p in holes]
-
-
-def _placed(points, obj: SceneObject):
-    x, y = points[:, 0] * obj.aspect * obj.radius, points[:, 1] / obj.aspect * obj.radius
-    c, s = np.cos(obj.rotation), np.sin(obj.rotation)
-    return np.stack([obj.center[0] + c * x - s * y, obj.center[1] + s * x + c * y], 1)
-
-
-def object_mask(obj: SceneObject, size: int) -> Image.Image:
-    """Coverage of `obj` as a (size, size) 'L' image, 0..255, anti-aliased by supersampling."""
-    mask = Image.new("L", (size, size), 0)
-    reach = obj.radius * max(obj.aspect, 1 / obj.aspect) + 1     # the shape lies within this square
-    x0, y0 = (max(0, int(np.floor(c - reach))) for c in obj.center)
-    x1, y1 = (min(size, int(np.ceil(c + reach))) for c in obj.center)
-    if x0 >= x1 or y0 >= y1:
-        return mask
-    local = Image.new("L", ((x1 - x0) * SUPERSAMPLE, (y1 - y0) * SUPERSAMPLE), 0)
-    draw = ImageDraw.Draw(local)
-    solids, holes = shape_geometry(obj.shape)
-    for polys, value in ((solids, 255), (holes, 0)):
-        for poly in polys:
-            # PIL puts pixel centres at integers; ours (COCO's) are at +0.5, hence the shift
-            points = (_placed(poly, obj) - (x0, y0)) * SUPERSAMPLE - 0.5
-            draw.polygon([tuple(p) for p in points], fill=value)
-    mask.paste(local.resize((x1 - x0, y1 - y0), Image.Resampling.BOX), (x0, y0))
-    return mask
-
-
-# ---------------------------------------------------------------------------------------------------
-# Pixels: fills, background, compositing.
-
-@lru_cache(maxsize=8)
-def _pixel_centers(size: int):
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
-    return xx, yy
-
-
-def _fill_pixels(fill: Fill, size: int, box=None) -> np.ndarray:
-    """float32 (h, w, 3) pixels of the fill over `box` (x0, y0, x1, y1; default the whole canvas)."""
-    x0, y0, x1, y1 = box or (0, 0, size, size)
-    rng = np.random.default_rng(fill.seed)
-    c1, c2 = (np.asarray(c, np.float32) for c in fill.colors)
-    xx, yy = (a[y0:y1, x0:x1] for a in _pixel_centers(size))
-    u = xx * np.cos(fill.angle) + yy * np.sin(fill.angle)
-    v = -xx * np.sin(fill.angle) + yy * np.cos(fill.angle)
-    if fill.kind == "solid":
-        t = np.zeros_like(u)
-    elif fill.kind == "stripes":
-        t = np.floor(u / fill.period) % 2
-    elif fill.kind == "checks":
-        t = (np.floor(u / fill.period) + np.floor(v / fill.period)) % 2
-    elif fill.kind == "gradient":      # across the canvas, so a box shows its part of it
-        reach = size * (abs(np.cos(fill.angle)) + abs(np.sin(fill.angle)))
-        t = (u - min(0.0, size * np.cos(fill.angle))) / reach   # angle in [0, pi)
-    elif fill.kind == "blotches":
-        cells = max(2, int(fill.period))
-        grid = Image.fromarray((rng.random((cells, cells)) * 255).astype(np.uint8))
-        t = np.asarray(grid.resize((size, size), Image.Resampling.BICUBIC), np.float32)[y0:y1, x0:x1] / 255
-    else:
-        raise ValueError(fill.kind)
-    out = c1 + t[..., None] * (c2 - c1)
-    if fill.noise > 0:
-        out += rng.standard_normal(out.shape, dtype=np.float32) * np.float32(fill.noise)
-    return out
-
-
-@lru_cache(maxsize=4)                  # sampling and rendering a scene both need it
-def _background_pixels(background: Fill, lines: tuple, size: int) -> np.ndarray:
-    canvas = Image.fromarray(np.clip(np.rint(_fill_pixels(background, size)), 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(canvas)
-    for x0, y0, x1, y1, width, color in lines:
-        draw.line([(x0, y0), (x1, y1)], fill=tuple(int(c) for c in color), width=width)
-    pixels = np.asarray(canvas, np.float32)
-    pixels.flags.writeable = False
-    return pixels
-
-
-def render_scene(scene: Scene) -> Image.Image:
-    """Draw the scene as an RGB image (before JPEG compression)."""
-    out = _background_pixels(scene.background, scene.lines, scene.size).copy()
-    for obj in scene.objects:           # outside its box an object's coverage is 0: blend the box only
-        x0, y0, x1, y1 = obj.box
-        alpha = np.asarray(object_mask(obj, scene.size), np.float32)[y0:y1, x0:x1, None] / 255
-        region = out[y0:y1, x0:x1]
-        out[y0:y1, x0:x1] = region * (1 - alpha) + _fill_pixels(obj.fill, scene.size, obj.box) * alpha
-    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Sampling a scene.
-
-def _random_color(rng) -> tuple:
-    r, g, b = colorsys.hsv_to_rgb(rng.random(), rng.uniform(0.15, 1.0), rng.uniform(0.2, 1.0))
-    return (255 * r, 255 * g, 255 * b)
-
-
-def _random_fill(rng, kind, size, contrast, avoid=None, noise: float = 1.0) -> Fill:
-    """A fill of `kind`; its colour keeps OBJECT_CONTRAST from `avoid` (the RGB mean under it) if given."""
-    for _ in range(50):
-        c1 = _random_color(rng)
-        if avoid is None or np.linalg.norm(np.subtract(c1, avoid)) >= OBJECT_CONTRAST:
-            break
-    c2 = tuple(float(v) for v in np.clip(np.add(c1, rng.uniform(-contrast, contrast, 3)), 0, 255))
-    # stripes / checks: a period of 3-9 px at 96 px, scaled with the image; blotches: 2-6 grid cells
-    period = rng.uniform(3, 9) * size / 96 if kind in ("stripes", "checks") else rng.uniform(2, 6)
-    return Fill(kind=kind, colors=(c1, c2), angle=float(rng.uniform(0, np.pi)), period=float(period),
-                noise=float(rng.uniform(0, MAX_NOISE)) * noise, seed=int(rng.integers(2**63)))
-
-
-def _random_object(rng, shape, radius, size, margin) -> SceneObject:
-    lo, hi = margin * radius, size - margin * radius
-    center = (float(rng.uniform(lo, hi)), float(rng.uniform(lo, hi)))
-    obj = SceneObject(shape=shape, center=center, radius=radius,
-                      rotation=float(rng.uniform(0, 2 * np.pi)), aspect=float(rng.uniform(0.85, 1.18)),
-                      fill=None, box=None)
-    return dataclasses.replace(obj, box=object_mask(obj, size).getbbox())
-
-
-def _apart(a, b, gap=2) -> bool:
-    return a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1]
-
-
-def sample_scene(rng: np.random.Generator, label: int, classes, size: int, clutter: float = 1.0) -> Scene:
-    """One scene whose main object is `classes[label]`, with 0-2 smaller, non-overlapping distractors.
-
-    `clutter` in [0, 1] scales how often each nuisance appears (distractors, clutter lines, patterned
-    fills, pixel noise): 1 is the full difficulty, 0 clean shapes on plain or gradient backgrounds. The
-    same number of random draws is made at any value, so clutter=1 reproduces the default images.
-    """
-    background = _random_fill(rng, str(rng.choice(BACKGROUND_KINDS)), size, BACKGROUND_CONTRAST, noise=clutter)
-    lines = []
-    if rng.random() < CLUTTER_LINES_P * clutter:
-        for _ in range(int(rng.integers(1, MAX_CLUTTER_LINES + 1))):
-            x0, y0, x1, y1 = (float(v) for v in rng.uniform(-0.2, 1.2, 4) * size)
-            width = int(rng.integers(1, 1 + max(1, size // 48)))
-            lines.append((x0, y0, x1, y1, width, tuple(int(c) for c in _random_color(rng))))
-    scene = Scene(size=size, background=background, lines=tuple(lines), objects=(),
-                  jpeg_quality=int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1)))
-    placed = [_random_object(rng, classes[label], rng.uniform(*MAIN_RADIUS) * size, size, margin=0.85)]
-    others = [c for i, c in enumerate(classes) if i != label]
-    count_p = np.array(DISTRACTOR_COUNT_P) * clutter + np.eye(len(DISTRACTOR_COUNT_P))[0] * (1 - clutter)
-    count = int(rng.choice(len(DISTRACTOR_COUNT_P), p=count_p)) if others else 0
-    for _ in range(count):
-        shape, radius = str(rng.choice(others)), rng.uniform(*DISTRACTOR_RADIUS) * size
-        for _ in range(20):      # rejection: distractors never overlap, so every box is fully visible
-            obj = _random_object(rng, shape, radius, size, margin=0.6)
-            if obj.box is not None and all(_apart(obj.box, p.box) for p in placed):
-                placed.append(obj)
-                break
-    bg = _background_pixels(background, scene.lines, size)
-    objects = []
-    for obj in placed:
-        x0, y0, x1, y1 = obj.box
-        kind = str(rng.choice(PATTERN_KINDS)) if rng.random() < PATTERNED_P * clutter else "solid"
-        fill = _random_fill(rng, kind, size, PATTERN_CONTRAST, avoid=bg[y0:y1, x0:x1].reshape(-1, 3).mean(0),
-                            noise=clutter)
-        objects.append(dataclasses.replace(obj, fill=fill))
-    return dataclasses.replace(scene, objects=tuple(objects))
-
-
-def image_rng(seed: int, split: str, index: int, label: int | None = None) -> np.random.Generator:
-    """The Generator for one image, independent of every other image (parallel-safe)."""
-    entropy = [seed, SPLIT_CODES[split], index] + ([] if label is None else [label])
-    return np.random.default_rng(np.random.SeedSequence(entropy))
-
-
-def labeled_scene(seed: int, split: str, label: int, index: int, classes, image_size: int,
-                  clutter: float = 1.0) -> Scene:
-    """The scene of the `index`-th image of class `label` in `split`, as `generate` writes it."""
-    return sample_scene(image_rng(seed, split, index, label), label, classes, image_size, clutter)
-
-
-def unlabeled_scene(seed: int, index: int, classes, image_size: int, clutter: float = 1.0,
-                    empty: float = 0.0) -> Scene:
-    """The `index`-th pool image: a scene of a random class, or with probability `empty` the same scene
-    without its main object (an off-topic image: background, clutter and small distractors only)."""
-    rng = image_rng(seed, "unlabeled", index)
-    scene = sample_scene(rng, int(rng.integers(len(classes))), classes, image_size, clutter)
-    return scene.without(0) if is_off_topic(seed, index, empty) else scene
-
-
-def is_off_topic(seed: int, index: int, empty: float) -> bool:
-    """Whether the `index`-th pool image has no main object (its own stream: other images are unchanged)."""
-    return empty > 0 and bool(image_rng(seed, "pool_kind", index).random() < empty)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -369,6 +70,8 @@ def _coco_annotations(scene, image_id, next_ann_id, class_index):
     return anns
 
 
+
+
 def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_per_class: int = 20,
              image_size: int = 96, seed: int = 0, unlabeled: int = 0, overwrite: bool = False,
              shapes=None, clutter: float = 1.0, unlabeled_empty: float = 0.0, val_copies: int = 0,
@@ -376,20 +79,49 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
     """Write the demo dataset under `out_dir` and return a summary dict (counts, classes, paths).
 
     shapes: class names to use instead of the first `num_classes` of SHAPES (a downstream task with
-    classes a pretraining set never had). clutter: nuisance level in [0, 1] (see sample_scene).
+    classes a pretraining set never had). clutter: nuisance level in [0, 1] (see demo_scenes.sample_scene).
     unlabeled_empty: share of pool images without a main object (off-topic images mining should skip).
     val_copies: also put this many mirrored, re-compressed copies of val images into the pool (what
     deduplication against val must find). labeled_per_class: also write labeled_list.txt, the first N
     train images of each class (the labels a student may use when the teacher had them all).
     The last file written is demo_data.json (this summary): its presence means the set is complete.
     """
-    if shapes is not None:
-        shapes = [shapes] if isinstance(shapes, str) else list(shapes)
-        unknown = [s for s in shapes if s not in SHAPES]
-        if unknown or len(set(shapes)) != len(shapes) or not shapes:
-            raise UserError(f"demo data: shapes={shapes!r}; expected distinct names from {', '.join(SHAPES)}")
-        num_classes = len(shapes)
-    _check("num_classes", num_classes, 1, len(SHAPES))
+    classes = _classes(shapes, num_classes)
+    _check_settings(len(classes), train_per_class, val_per_class, image_size, seed, unlabeled, clutter,
+                    unlabeled_empty, val_copies, labeled_per_class)
+    out = _prepare_folder(Path(out_dir), overwrite)
+    start = time.perf_counter()
+    (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    draw = dict(seed=seed, classes=classes, image_size=image_size, clutter=clutter)
+    train, train_lines, _ = _write_labeled_split(out, "train", train_per_class, **draw)
+    labeled = _write_labeled_subset(out, train_lines, train_per_class, labeled_per_class) if labeled_per_class else {}
+    val, _, val_scenes = _write_labeled_split(out, "val", val_per_class, **draw)
+    copies = [val_scenes[j * len(val_scenes) // val_copies] for j in range(val_copies)]  # every class
+    pool = _write_pool(out, unlabeled, unlabeled_empty, copies, **draw)
+    # in the key order demo_data.json has always had (the same seed, the same bytes)
+    summary = {"out_dir": str(out), "classes": classes, "image_size": image_size, "seed": seed, "clutter": clutter,
+               **({"labeled": labeled} if labeled else {}), "train": train, "val": val, "unlabeled": pool,
+               "seconds": round(time.perf_counter() - start, 3)}
+    _write_record(out, summary)
+    return summary
+
+
+def _classes(shapes, num_classes: int) -> list[str]:
+    """The class names in label order (alphabetical, as ImageFolder assigns): `shapes`, or the first
+    `num_classes` of SHAPES."""
+    if shapes is None:
+        _check("num_classes", num_classes, 1, len(SHAPES))
+        return sorted(SHAPES[:num_classes])
+    shapes = [shapes] if isinstance(shapes, str) else list(shapes)
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown or len(set(shapes)) != len(shapes) or not shapes:
+        raise UserError(f"demo data: shapes={shapes!r}; expected distinct names from {', '.join(SHAPES)}")
+    return sorted(shapes)
+
+
+def _check_settings(num_classes, train_per_class, val_per_class, image_size, seed, unlabeled, clutter,
+                    unlabeled_empty, val_copies, labeled_per_class) -> None:
+    """Every setting, before a file is touched."""
     _check("train_per_class", train_per_class, 1)
     _check("val_per_class", val_per_class, 1)
     _check("image_size", image_size, MIN_IMAGE_SIZE, MAX_IMAGE_SIZE)
@@ -400,7 +132,12 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
             raise UserError(f"demo data: {name}={value!r}, expected a number in 0..1")
     _check("val_copies", val_copies, 0)
     _check("labeled_per_class", labeled_per_class, 0, train_per_class)
-    out = Path(out_dir)
+    if val_copies > num_classes * val_per_class:
+        raise UserError(f"demo data: val_copies={val_copies} but val has only {num_classes * val_per_class} images")
+
+
+def _prepare_folder(out: Path, overwrite: bool) -> Path:
+    """Refuse to write over demo data unless told to; then remove what a previous set left."""
     if out.exists() and not out.is_dir():
         raise UserError(f"demo data: {out} exists and is not a directory")
     existing = [p for p in _outputs(out) if p.exists()]
@@ -409,76 +146,85 @@ def generate(out_dir, *, num_classes: int = 8, train_per_class: int = 60, val_pe
                         "pass overwrite=True (CLI: --overwrite) to replace it, or choose another folder")
     for p in existing:
         shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-    start = time.perf_counter()
-    classes = sorted(shapes if shapes is not None else SHAPES[:num_classes])
-    class_index = {name: i for i, name in enumerate(classes)}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
+    return out
+
+
+def _write_labeled_split(out: Path, split: str, per_class: int, *, seed, classes, image_size, clutter):
+    """SPLIT/CLASS/ID.jpg, SPLIT_list.txt and the split's COCO files; returns the split's summary, its list
+    lines and its scenes, in label order."""
+    class_index = {name: i for i, name in enumerate(classes)}
+    images, annotations, lines, scenes = [], [], [], []
+    for label, name in enumerate(classes):
+        for i in range(per_class):
+            image_id = len(images) + 1
+            scene = labeled_scene(seed, split, label, i, classes, image_size, clutter)
+            scenes.append(scene)
+            rel = f"{split}/{name}/{image_id:06d}.jpg"
+            _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
+            images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
+            annotations += _coco_annotations(scene, image_id, len(annotations) + 1, class_index)
+            lines.append(f"{rel} {label}\n")
+    (out / f"{split}_list.txt").write_text("".join(lines))
+    coco = _write_coco(out, split, images, annotations, classes, seed)
+    summary = {"images": len(images), "objects": len(annotations), "folder": str(out / split),
+               "list": str(out / f"{split}_list.txt"), "coco": str(coco)}
+    return summary, lines, scenes
+
+
+def _write_labeled_subset(out: Path, lines: list[str], per_class: int, labeled_per_class: int) -> dict:
+    """labeled_list.txt: the first `labeled_per_class` train images of each class."""
+    keep = [line for k, line in enumerate(lines) if k % per_class < labeled_per_class]
+    (out / "labeled_list.txt").write_text("".join(keep))
+    return {"images": len(keep), "list": str(out / "labeled_list.txt")}
+
+
+def _write_coco(out: Path, split: str, images, annotations, classes, seed) -> Path:
+    """annotations/instances_SPLIT.json, and instances_SPLIT_main.json with each image's main object alone
+    (its first annotation): a detection task whose every box is large enough to see at small image sizes,
+    where distractors shrink to a few pixels."""
     categories = [{"id": i + 1, "name": c, "supercategory": "shape"} for i, c in enumerate(classes)]
-    summary = {"out_dir": str(out), "classes": classes, "image_size": image_size, "seed": seed,
-               "clutter": clutter}
-    val_scenes = []
+    coco = {"info": {"description": f"ssld-kit demo shapes ({split}, seed {seed})"}, "licenses": [],
+            "images": images, "annotations": annotations, "categories": categories}
+    path = out / "annotations" / f"instances_{split}.json"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(json.dumps(coco))
+    first = {}
+    for a in annotations:
+        first.setdefault(a["image_id"], a)
+    main_only = dict(coco, annotations=[dict(a, id=k + 1) for k, a in enumerate(first.values())])
+    (out / "annotations" / f"instances_{split}_main.json").write_text(json.dumps(main_only))
+    return path
 
-    for split, per_class in (("train", train_per_class), ("val", val_per_class)):
-        images, annotations, lines = [], [], []
-        for label, name in enumerate(classes):
-            for i in range(per_class):
-                image_id = len(images) + 1
-                scene = labeled_scene(seed, split, label, i, classes, image_size, clutter)
-                if split == "val" and val_copies:
-                    val_scenes.append(scene)
-                rel = f"{split}/{name}/{image_id:06d}.jpg"
-                _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
-                images.append({"id": image_id, "file_name": rel, "width": image_size, "height": image_size})
-                annotations += _coco_annotations(scene, image_id, len(annotations) + 1, class_index)
-                lines.append(f"{rel} {label}\n")
-        (out / f"{split}_list.txt").write_text("".join(lines))
-        if split == "train" and labeled_per_class:
-            keep = [line for k, line in enumerate(lines) if k % per_class < labeled_per_class]
-            (out / "labeled_list.txt").write_text("".join(keep))
-            summary["labeled"] = {"images": len(keep), "list": str(out / "labeled_list.txt")}
-        coco = {"info": {"description": f"ssld-kit demo shapes ({split}, seed {seed})"}, "licenses": [],
-                "images": images, "annotations": annotations, "categories": categories}
-        (out / "annotations").mkdir(exist_ok=True)
-        (out / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        # The main object of each image alone (its first annotation): a detection task whose every box is
-        # large enough to see at small image sizes, where distractors shrink to a few pixels.
-        first = {}
-        for a in annotations:
-            first.setdefault(a["image_id"], a)
-        main_only = dict(coco, annotations=[dict(a, id=k + 1) for k, a in enumerate(first.values())])
-        (out / "annotations" / f"instances_{split}_main.json").write_text(json.dumps(main_only))
-        summary[split] = {"images": len(images), "objects": len(annotations),
-                          "folder": str(out / split), "list": str(out / f"{split}_list.txt"),
-                          "coco": str(out / "annotations" / f"instances_{split}.json")}
 
-    if val_copies > len(val_scenes):
-        raise UserError(f"demo data: val_copies={val_copies} but val has only {len(val_scenes)} images")
-    val_scenes = [val_scenes[j * len(val_scenes) // val_copies] for j in range(val_copies)]  # every class
-    lines, empty = [], 0
+def _write_pool(out: Path, unlabeled: int, empty_share: float, copies: list, *, seed, classes, image_size,
+                clutter) -> dict:
+    """unlabeled/ and unlabeled_list.txt: `unlabeled` pool scenes, then `copies` (val scenes) mirrored and
+    re-compressed at another quality, inserted at evenly spread positions of the list."""
+    lines, off_topic = [], 0
     for i in range(unlabeled):
-        scene = unlabeled_scene(seed, i, classes, image_size, clutter, unlabeled_empty)
-        empty += is_off_topic(seed, i, unlabeled_empty)
+        scene = unlabeled_scene(seed, i, classes, image_size, clutter, empty_share)
+        off_topic += is_off_topic(seed, i, empty_share)
         rel = f"unlabeled/{i + 1:06d}.jpg"
         _save_jpeg(render_scene(scene), out / rel, scene.jpeg_quality)
         lines.append(rel + "\n")
-    # Copies land at evenly spread pool positions: mirrored, and re-compressed at another quality.
-    for j, scene in enumerate(val_scenes):
+    for j, scene in enumerate(copies):
         rel = f"unlabeled/copy_{j + 1:06d}.jpg"
         image = render_scene(scene).transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         _save_jpeg(image, out / rel, JPEG_QUALITY[0] + (scene.jpeg_quality - JPEG_QUALITY[0] + 25) % 51)
-        lines.insert((j * (len(lines) + 1)) // max(len(val_scenes), 1) + j, rel + "\n")
+        lines.insert((j * (len(lines) + 1)) // max(len(copies), 1) + j, rel + "\n")
     if lines:
         (out / "unlabeled_list.txt").write_text("".join(lines))
-    summary["unlabeled"] = {"images": len(lines), "off_topic": empty, "val_copies": len(val_scenes),
-                            "list": str(out / "unlabeled_list.txt") if lines else None}
-    summary["seconds"] = round(time.perf_counter() - start, 3)
-    # paths relative to the folder and no timing: the same seed still gives byte-identical files
+    return {"images": len(lines), "off_topic": off_topic, "val_copies": len(copies),
+            "list": str(out / "unlabeled_list.txt") if lines else None}
+
+
+def _write_record(out: Path, summary: dict) -> None:
+    """demo_data.json, written last (its presence means the set is complete): the summary with paths relative
+    to the folder and no timing, so that the same seed still gives byte-identical files."""
     record = json.loads(json.dumps({k: v for k, v in summary.items() if k not in ("seconds", "out_dir")}),
                         object_hook=lambda d: {k: _relative(v, out) for k, v in d.items()})
     (out / "demo_data.json").write_text(json.dumps(record, indent=1))
-    return summary
 
 
 def _relative(value, out: Path):

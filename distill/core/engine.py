@@ -1,21 +1,24 @@
 """The one training loop under distill.ssld, transfer.finetune and detection.train.
 
-In the spirit of detectron2's TrainerBase + hooks: a trainer supplies a *task* (its model, optimizer,
-scheduler, batches, forward pass and evaluation); the engine owns everything around the step, once:
+A trainer builds a `Task` (its model, optimizer, scheduler, batches, forward pass and evaluation); the
+engine runs it and owns everything around the step, once:
 
 - the loop: epochs of `steps_per_epoch` batches (detection: one epoch of N iterations); a batch is
   `(..., skipped)`, its last element the unreadable images its loader dropped, which are counted;
-- precision (`Precision`: autocast, GradScaler only for fp16) and DDP (`wrap_ddp`), applied here;
-- checkpoints (atomic, every `checkpoint_period` iterations or `checkpoint_minutes`, and at every epoch
-  end) holding the model, optimizer, scheduler, scaler, data position and every rank's RNG, and the
-  resume policy (`open_run`: rerun resumes, `--restart` discards, a changed config is refused except
-  SAFE_ON_RESUME keys, which take effect);
+- precision (`Precision`: autocast, GradScaler only for fp16, clipping) and DDP (`wrap_ddp`);
+- after each step, by period: a log row (`run.log_period`, the one cross-rank sync), an evaluation
+  (`run.eval_period`, and every `task.eval_every_epochs` epochs and at the end), a checkpoint
+  (`run.checkpoint_period` iterations or `run.checkpoint_minutes`, and at every epoch end);
+- checkpoints (atomic) holding the model, optimizer, scheduler, scaler, data position and every rank's
+  RNG, and the resume policy (`open_run`: rerun resumes, `--restart` discards, a changed config is
+  refused except the task's `safe_on_resume` keys, which take effect);
 - the non-finite-loss guard: a flag accumulated on the device, summed across ranks only at log periods
-  and before checkpoints (no per-step sync), ending in a one-line error naming the last good checkpoint;
-- logging (metrics.csv + TensorBoard, one progress bar with img/s and ETA) and evaluation hooks.
+  and before checkpoints (no per-step sync), ending in one line that names the last good checkpoint and
+  the task's own advice (`task.advice`: keys its schema has, each safe to change on resume).
 """
 from __future__ import annotations
 
+import abc
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,29 +34,13 @@ from .errors import UserError
 from .precision import Precision
 from .progress import Progress
 from .runlog import RunLog
+from .trainer_kit import RUN_SAFE_ON_RESUME
 
-# The `run` block every trainer's schema shares.
-RUN_DEFAULTS = dict(
-    out_dir="runs/run",
-    seed=0,
-    device="auto",            # auto (cuda when present) | cpu | cuda
-    amp="off",                # off | bf16 | fp16 (a GradScaler only for fp16)
-    channels_last=False,
-    compile=False,            # torch.compile the model
-    workers=4,                # DataLoader processes per rank
-    log_period=10,            # iterations between log rows (and non-finite checks)
-    eval_period=0,            # iterations between evaluations (0: none mid-epoch); see Task.eval_every_epochs
-    checkpoint_period=0,      # iterations between checkpoints; 0 = at the end of every epoch only
-    checkpoint_minutes=10.0,  # also checkpoint when this much time passed (0 = off)
-    progress=True,
-)
-RUN_RANGES = {"workers": (0, None), "log_period": (1, None), "eval_period": (0, None),
-              "checkpoint_period": (0, None), "checkpoint_minutes": (0, None)}
-# Keys that may change between a run and its resume; they take effect (optimizer and scheduler included).
-SAFE_ON_RESUME = ("optim.lr", "schedule.epochs", "schedule.iterations", "run.log_period", "run.progress",
-                  "run.eval_period", "run.checkpoint_period", "run.checkpoint_minutes", "run.workers")
 CHECKPOINT = "checkpoint.pt"
 WARN_SKIPPED = 5  # unreadable images named on the console; the rest are only counted
+# What the non-finite stop may advise, by config key; a task lists the keys its schema has.
+ADVICE = {"optim.lr": "lower optim.lr", "optim.clip_grad_norm": "set optim.clip_grad_norm (e.g. 1.0)",
+          "run.amp": "use run.amp=bf16 instead of fp16"}
 
 
 class NonFiniteLoss(UserError):
@@ -78,21 +65,36 @@ class TrainState:
     skipped: int = 0          # unreadable images skipped on this rank
 
 
-class Task:
-    """What a trainer supplies. Attributes: model (unwrapped, on the device), optimizer, scheduler, epochs,
-    steps_per_epoch, global_batch; optional clip_grad_norm, min_batch."""
+class Task(abc.ABC):
+    """The contract between a trainer and the engine.
+
+    Attributes the trainer's build step sets:
+      model             the unwrapped model, on its device (the engine wraps it for DDP / torch.compile)
+      optimizer         its param groups' `initial_lr` are the configured learning rates
+      scheduler         a LambdaLR stepped once per batch (`distill.core.trainer_kit.lr_scheduler`)
+      epochs, steps_per_epoch, global_batch
+    Class attributes a trainer may override:
+      safe_on_resume    config keys that may change on resume and take effect
+      advice            keys the non-finite stop advises (each in the schema and in safe_on_resume)
+      clip_grad_norm, eval_every_epochs, min_batch
+    """
+    safe_on_resume: tuple = RUN_SAFE_ON_RESUME
+    advice: tuple = ("optim.lr",)
     clip_grad_norm = 0.0
     eval_every_epochs = 1   # also evaluate at these epoch ends, and always at the end of training
     min_batch = 1   # fewer readable images than this: the step is skipped (BatchNorm needs 2)
 
+    @abc.abstractmethod
     def batches(self, epoch: int, start: int):
-        raise NotImplementedError
+        """An iterable of this epoch's batches from batch `start` on (resume)."""
 
+    @abc.abstractmethod
     def forward(self, net: nn.Module, batch, state: TrainState) -> StepOutput:
-        raise NotImplementedError
+        """The loss of one batch (the engine steps the optimizer)."""
 
+    @abc.abstractmethod
     def evaluate(self, net: nn.Module) -> dict:
-        raise NotImplementedError
+        """{metric: number} over this rank's shard, reduced over ranks."""
 
     def train_mode(self, net: nn.Module) -> None:
         net.train()
@@ -105,24 +107,30 @@ class Task:
 
 
 class Engine:
-    """Run a task to the end, resuming from OUT/checkpoint.pt per the resume policy. `run()` -> TrainState."""
+    """Run a task to the end, resuming from OUT/checkpoint.pt per the resume policy. `run()` -> TrainState.
 
-    def __init__(self, task: Task, run_cfg, dist: DistInfo, config: dict, *, restart: bool = False,
-                 checkpoint_name: str = CHECKPOINT, safe_keys=SAFE_ON_RESUME, say=None):
-        self.task, self.cfg, self.dist, self.config = task, run_cfg, dist, config
-        self.out = Path(run_cfg.out_dir)
+    `cfg` is the trainer's whole Config: its `run` block drives the engine, and all of it is what a resume
+    compares with the checkpoint's."""
+
+    def __init__(self, task: Task, cfg, dist: DistInfo, *, restart: bool = False,
+                 checkpoint_name: str = CHECKPOINT, say=None):
+        unsafe = [k for k in (*task.advice, "run.amp") if k not in task.safe_on_resume]
+        assert not unsafe, f"advice the resume policy would refuse: {unsafe} are not in task.safe_on_resume"
+        self.task, self.cfg, self.dist = task, cfg.run, dist
+        self.config = cfg.to_dict()
+        self.out = Path(self.cfg.out_dir)
         self.ckpt_path = self.out / checkpoint_name
-        self.precision = Precision(run_cfg.amp, dist.device)
+        self.precision = Precision(self.cfg.amp, dist.device)
         self.state = TrainState()
         self.say = say or (lambda text: print(text, file=sys.stderr) if dist.is_main else None)
-        if run_cfg.channels_last:
+        if self.cfg.channels_last:
             task.model.to(memory_format=torch.channels_last)
         self.net = wrap_ddp(task.model, dist)
-        if run_cfg.compile:
+        if self.cfg.compile:
             self.net = torch.compile(self.net)
         if dist.is_main and self.out.is_dir():  # a target never written again keeps no killed writer's temporary
             remove_stale_temporaries_in(self.out)
-        ckpt = open_run(self.ckpt_path, config, restart, safe_keys, dist.is_main)
+        ckpt = open_run(self.ckpt_path, self.config, restart, task.safe_on_resume, dist.is_main)
         self.resumed = ckpt is not None
         if ckpt is not None:
             self._load(ckpt)
@@ -172,8 +180,9 @@ class Engine:
             scheduler=self.task.scheduler.state_dict(), precision=self.precision.state_dict(),
             engine=state, rng=rngs, config=self.config, extra=self.task.extra_state()))
 
-    def skipped_per_rank(self) -> list[int]:
-        return gather_objects(self.state.skipped)
+    def skipped_total(self) -> int:
+        """Unreadable images skipped in training, summed over the ranks (every rank must call it)."""
+        return sum(gather_objects(self.state.skipped))
 
     # --- the non-finite guard -------------------------------------------------------------------------
 
@@ -186,10 +195,13 @@ class Engine:
         s = self.state
         last = f"the last good checkpoint is {self.ckpt_path}" if self.ckpt_path.is_file() else \
             "no checkpoint was written yet"
+        keys = [k for k in self.task.advice if k != "run.amp"] + (["run.amp"] if self.cfg.amp == "fp16" else [])
+        advice = ", ".join(ADVICE[k] for k in keys[:-1]) + (" or " if len(keys) > 1 else "") + ADVICE[keys[-1]]
         raise NonFiniteLoss(f"loss became NaN or inf in epoch {s.epoch + 1} before iteration {s.batch} "
-                            f"(step {s.iteration}); stopped, {last}. Lower optim.lr, set optim.clip_grad_norm "
-                            "or use amp bf16 instead of fp16, then rerun the command: it resumes from that "
-                            "checkpoint and takes a changed optim.lr")
+                            f"(step {s.iteration}); stopped, {last}. {advice[0].upper() + advice[1:]} "
+                            f"with -o KEY=VALUE, then rerun the command: it "
+                            f"{'resumes from that checkpoint and ' if self.ckpt_path.is_file() else ''}"
+                            f"takes the new value{'s' if len(keys) > 1 else ''}")
 
     # --- the loop -------------------------------------------------------------------------------------
 
@@ -219,10 +231,10 @@ class Engine:
 
     def train_epoch(self, epoch: int) -> None:
         """One epoch's steps from the current position (benchmarks call it alone: no eval, no epoch-end save)."""
-        task, s, cfg, dist = self.task, self.state, self.cfg, self.dist
+        task, s, dist = self.task, self.state, self.dist
         task.train_mode(self.net)
         desc = f"epoch {epoch + 1}/{task.epochs}" if task.epochs > 1 else "train"
-        bar = Progress(task.steps_per_epoch * task.global_batch, desc, enabled=dist.is_main and cfg.progress,
+        bar = Progress(task.steps_per_epoch * task.global_batch, desc, enabled=dist.is_main and self.cfg.progress,
                        initial=s.batch * task.global_batch)
         window = _Window()
         for batch in task.batches(epoch, s.batch):
@@ -243,18 +255,26 @@ class Engine:
             s.iteration += 1
             bar.update((out.images if out else 0) * dist.world_size)
             last = s.batch == task.steps_per_epoch
-            due_by_time = False
-            if s.iteration % cfg.log_period == 0 or last:
-                due_by_time = self._log(window, epoch, bar)
-                window = _Window()
-            if cfg.eval_period and s.iteration % cfg.eval_period == 0 and not last:
-                self.evaluate()
-            by_iters = cfg.checkpoint_period and s.iteration % cfg.checkpoint_period == 0
-            if (by_iters or due_by_time) and not last:
-                self.save()
+            window = self._after_step(window, epoch, bar, last)
             if last:
                 break  # an endless sampler (detection) ends here too
         bar.close()
+
+    def _after_step(self, window: "_Window", epoch: int, bar: Progress, last: bool) -> "_Window":
+        """What is due after a step, by period: a log row (which also reads the checkpoint clock), then an
+        evaluation, then a checkpoint. The epoch's end (evaluation, checkpoint) is `run`'s. Returns the
+        window the next steps add to."""
+        s, cfg = self.state, self.cfg
+        due_by_time = False
+        if s.iteration % cfg.log_period == 0 or last:
+            due_by_time = self._log(window, epoch, bar)
+            window = _Window()
+        if not last:
+            if cfg.eval_period and s.iteration % cfg.eval_period == 0:
+                self.evaluate()
+            if cfg.checkpoint_period and s.iteration % cfg.checkpoint_period == 0 or due_by_time:
+                self.save()
+        return window
 
     def _count_skipped(self, skipped, bar) -> None:
         if not skipped:
@@ -314,17 +334,3 @@ def apply_current_schedule(optimizer, scheduler, initial_lrs) -> None:
     for group, lr, factor in zip(optimizer.param_groups, initial_lrs, factors):
         group["lr"] = lr * factor
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-
-def check_ranges(section, ranges: dict, prefix: str) -> None:
-    """One-line errors for numbers outside their range: {key: (low, high)}, None = unbounded."""
-    for key, (low, high) in ranges.items():
-        value = section[key]
-        if value is None:
-            continue
-        values = value if isinstance(value, list) else [value]
-        for v in values:
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or (low is not None and v < low) or \
-                    (high is not None and v > high):
-                bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-                raise UserError(f"{prefix}{key}={value!r}: expected a number {bounds}")

@@ -22,6 +22,8 @@ def output_error_message(e: BaseException) -> str | None:
     code = refused_errno(e)
     if code is not None:
         filename = getattr(e, "filename", None)
+        if isinstance(filename, bytes):   # TensorBoard's writer names its files in bytes
+            filename = os.fsdecode(filename)
         where = f"cannot write {filename}" if filename else "cannot write the output"
         return f"{where}: {os.strerror(code).lower()} ({INTACT})"
     if is_torch_write_failure(e):

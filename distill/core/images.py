@@ -187,20 +187,26 @@ class RandomCropTransform(_Finish):
         """Decode and transform in one go. The box is drawn from the JPEG header first: a crop that allows
         it decodes at a DCT scale (PIL draft), any other JPEG straight to a uint8 tensor (libjpeg-turbo
         through torchvision, the same pixels as PIL without the copy out of PIL); other formats via PIL."""
+        return self.load_drawn(src)[0]
+
+    def load_drawn(self, src, drawn=None):
+        """(image, box, flip): `load` plus the box and flip it drew; given `drawn` = (box, flip), that crop
+        instead of a new draw, decoded the same way, so a recorded crop replays to the same pixels
+        (distill.label_cache)."""
         data = read_bytes(src)
         size = jpeg_size(data)
         if size is None:
             im = load_rgb(data, name=src)
-            box, flip = self.sample(*im.size)
-            return self._crop(im, box, im.size, flip)
+            box, flip = self.sample(*im.size) if drawn is None else drawn
+            return self._crop(im, box, im.size, flip), box, flip
         check_pixels(size, src)
-        box, flip = self.sample(*size)
+        box, flip = self.sample(*size) if drawn is None else drawn
         factor = self.draft_factor(box[2], box[3])
         if factor == 1 and decode_jpeg is not None and self.interpolation in TENSOR_RESIZE:
             x = decode_jpeg_uint8(data, src)
-            return self._crop(x, box, (x.shape[-1], x.shape[-2]), flip)
+            return self._crop(x, box, (x.shape[-1], x.shape[-2]), flip), box, flip
         im = load_rgb(data, name=src, draft=lambda w, h: (-(-w // factor), -(-h // factor)))
-        return self._crop(im, box, size, flip)
+        return self._crop(im, box, size, flip), box, flip
 
 
 def read_bytes(src) -> bytes:

@@ -24,7 +24,8 @@ def per_class_counts(logits: torch.Tensor, targets: torch.Tensor, num_classes: i
 
 
 @torch.no_grad()
-def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_dtype=None) -> dict:
+def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_dtype=None,
+                        channels_last: bool = False) -> dict:
     """top1/top5/mean_per_class in percent over the whole (possibly sharded) loader, and n.
 
     Mean per-class accuracy averages over classes present in the data (Kornblith et al. protocol).
@@ -39,6 +40,8 @@ def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_
     seen = torch.zeros(num_classes, dtype=torch.float64)
     for batch in loader:
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if channels_last:   # the layout the model was trained in
+            images = images.contiguous(memory_format=torch.channels_last)
         with autocast(device.type, amp_dtype):
             logits = model(images).float()
         c1, c5 = topk_correct(logits, targets, (1, 5))

@@ -5,6 +5,8 @@ import csv
 import math
 from pathlib import Path
 
+from .atomic import ensure_writable
+
 
 class RunLog:
     """Append scalars to OUT/metrics.csv and OUT/tb (TensorBoard, when installed). Disabled on non-main ranks.
@@ -19,14 +21,14 @@ class RunLog:
         self.writer = None
         if not enabled:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable(self.path.parent)   # a run folder that became read-only: one line, before any thread
         self.rows = []
         if resume_step is not None and self.path.is_file():
             self.rows = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(self.path.parent / "tb"))
+                self.writer = SummaryWriter(str(ensure_writable(self.path.parent / "tb")))
             except ImportError:  # tensorboard is optional
                 self.writer = None
 

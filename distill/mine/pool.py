@@ -12,6 +12,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from distill.data import UNLABELED, WDS_IMAGE_KEYS, list_source, wds_source
 from distill.core.images import ListDataset, Skipped, UnreadableImage, collate_skipping, load_transformed
 from distill.core.errors import UserError
+from distill.core.image_folder import images_under
 
 WDS_ID_BITS = 32                        # a WebDataset image's id: shard << 32 | position in the shard
 
@@ -78,15 +79,6 @@ class Pool:
             yield (shard << WDS_ID_BITS) | pos, name, item, data if raw else None
 
 
-def image_files(root: Path) -> list[str]:
-    """Every image under `root`, any depth, in sorted path order (a pool folder needs no class folders)."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        found += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS)]
-    return found
-
-
 def open_pool(spec, shard_size: int = 4096, what: str = "pool") -> Pool:
     """A folder, a list file or WebDataset shards; a UserError naming the path when it is none of them."""
     spec = str(spec)
@@ -98,7 +90,7 @@ def open_pool(spec, shard_size: int = 4096, what: str = "pool") -> Pool:
         return Pool(spec, "wds", urls=[os.path.abspath(u) for u in wds_source(spec, size=-1).shards])
     path = Path(spec)
     if path.is_dir():
-        files = image_files(path)
+        files = images_under(path)
         if not files:
             raise UserError(f"{what} folder {path} holds no images (extensions {', '.join(IMG_EXTENSIONS)})")
         return Pool(spec, "files", samples=[(f, UNLABELED) for f in files], shard_size=shard_size)

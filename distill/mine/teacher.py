@@ -39,8 +39,11 @@ TRAINED_SOURCES = ("PaddleClas", "timm pretrained")
 
 def untrained_teacher(source: str, meta: dict) -> str | None:
     """Why this teacher has no trained weights, or None. A trainer checkpoint counts as trained; an artifact
-    needs a trained origin (converted, timm weights) or pretrain results (a top-1)."""
+    needs a trained origin (converted, timm weights), pretrain results (a top-1) or a fine-tuning's score
+    (transfer.finetune keeps the backbone's pretrain record, "random init" included, and adds `transfer`)."""
     if str(source).endswith((".pt", ".pth")):
+        return None
+    if (meta.get("transfer") or {}).get("score") is not None:
         return None
     pretrain = meta.get("pretrain") or {}
     if pretrain.get("source") == "random init":

@@ -34,21 +34,26 @@ def ssld_home() -> Path:
 
 
 def default_test_size(input_size: int) -> int:
-    """About 1.15x the train resolution (FixRes), rounded to a multiple of 32 (at least +32)."""
-    return max(input_size + 32, int(round(input_size * 1.15 / 32)) * 32)
+    """About 1.15x the train resolution (FixRes: 224 -> 256), rounded to a multiple that suits the size
+    (32 px from 192 up, 8 from 48, else 4) and at least one multiple above it: 32 -> 36, 64 -> 72, never 2x."""
+    step = 32 if input_size >= 192 else 8 if input_size >= 48 else 4
+    return max(input_size + step, int(round(input_size * 1.15 / step)) * step)
 
 
-def default_preprocessing(input_size: int = 224) -> dict:
-    # PaddleClas eval: resize short side 256, center crop 224 (crop_pct 0.875), ImageNet mean/std, bilinear.
-    return dict(input_size=input_size, test_input_size=default_test_size(input_size), crop_pct=0.875,
-                mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD), interpolation="bilinear")
+def preprocessing(input_size: int = 224, test_input_size: int | None = None, crop_pct: float = 0.875,
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, interpolation: str = "bilinear") -> dict:
+    """The artifact's preprocessing block, built here only. Defaults are PaddleClas's eval: resize the short
+    side to 256, centre-crop 224 (crop_pct 0.875), ImageNet mean/std, bilinear."""
+    return dict(input_size=int(input_size), test_input_size=int(test_input_size or default_test_size(input_size)),
+                crop_pct=float(crop_pct), mean=[float(m) for m in mean], std=[float(s) for s in std],
+                interpolation=interpolation)
 
 
 def build_meta(name: str, num_classes: int, *, arch: str | None = None, model: nn.Module | None = None,
                **sections) -> dict:
     """Complete metadata for a zoo name (`r50_vd`), `timm:ARCH` or bare timm arch; `sections` override
     top-level keys (preprocessing/pretrain/recommended are merged key by key)."""
-    if name in zoo.ZOO or name.startswith("timm:"):
+    if zoo.is_zoo_name(name):
         entry = zoo.get_entry(name)
     else:
         entry = zoo.ZooEntry(name, arch or name, zoo.family_of_arch(arch or name))
@@ -59,7 +64,7 @@ def build_meta(name: str, num_classes: int, *, arch: str | None = None, model: n
     meta = dict(
         format_version=FORMAT_VERSION, name=name, arch=arch, num_classes=num_classes,
         stages=dict(family=family, layout=stage_layout(model, family), help=LAYOUT_HELP[family]),
-        preprocessing=default_preprocessing(),
+        preprocessing=preprocessing(),
         # weight_decay_kind: "coupled" (L2 in the gradient: PaddleClas, torch SGD) or "decoupled" (AdamW);
         # see distill.students.decay for how consumers reuse it
         pretrain=dict(weight_decay=None, weight_decay_kind=None, weight_decay_source=None, epochs=None,
@@ -76,11 +81,37 @@ def save_student(path, model: nn.Module, meta: dict) -> Path:
     for key in ("arch", "num_classes"):
         if key not in meta:
             raise ArtifactError(f"artifact metadata needs {key!r}; build it with distill.students.artifact.build_meta")
+    if meta.get("classes") is not None:
+        with_classes(meta, meta["classes"], meta.get("classes_source"))  # raises when they do not fit
     meta = {"format_version": FORMAT_VERSION, **meta}
     # Cloned and contiguous: safetensors refuses shared or strided storage.
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
     metadata = {METADATA_KEY: json.dumps(meta), "format": "pt"}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def with_classes(meta: dict, names, source=None) -> dict:
+    """A copy of `meta` that records the class names in classifier order (top-level `classes`) and where they
+    came from (`classes_source`, e.g. the train folder), so predictions, exports and Hugging Face pipelines
+    name classes instead of numbering them. `names=None` records that they are unknown (so a backbone's
+    names never pass to a model trained on other data)."""
+    if names is None:
+        return {**meta, "classes": None, "classes_source": None}
+    names = [str(n) for n in names]
+    if len(names) != meta["num_classes"]:
+        raise ArtifactError(f"{len(names)} class names for a {meta['num_classes']}-class student"
+                            + (f" (from {source})" if source else "") + "; give one name per classifier output")
+    return {**meta, "classes": names, "classes_source": None if source is None else str(source)}
+
+
+def class_names(meta: dict, fallback: bool = False) -> list[str] | None:
+    """The student's class names: top-level `classes`, else `transfer.classes` (where transfer.finetune
+    recorded them before they moved to the top level); None when unknown or when they no longer fit
+    `num_classes`. With `fallback`, unknown names read class_0, class_1, ..."""
+    for names in (meta.get("classes"), (meta.get("transfer") or {}).get("classes")):
+        if isinstance(names, (list, tuple)) and len(names) == meta["num_classes"]:
+            return [str(n) for n in names]
+    return [f"class_{i}" for i in range(meta["num_classes"])] if fallback else None
 
 
 def known_students() -> list[str]:
@@ -210,17 +241,17 @@ def load_student(name_or_path, num_classes: int | None = None, pretrained: bool 
     """Model + metadata from an artifact path/name, `local-dir:FOLDER` / `hf-hub:ORG/NAME` (a model folder
     written by python -m distill.export), or `timm:ARCH` (random init unless pretrained=True).
 
-    With a different `num_classes`, the classifier is re-initialised and every other tensor is exact.
+    With a different `num_classes`, the classifier is re-initialised (and the class names dropped) and every
+    other tensor is exact. `class_names(meta)` gives the names, None for older artifacts without them.
     """
-    if str(name_or_path).startswith("timm:"):
+    if str(name_or_path).startswith(zoo.TIMM_PREFIX):
         entry = zoo.get_entry(str(name_or_path))
         n = num_classes or 1000
         model = zoo.create_model(entry.name, num_classes=n, pretrained=pretrained)
         cfg = getattr(model, "pretrained_cfg", {}) or {}
         size = int(cfg.get("input_size", (3, 224, 224))[-1])
-        prep = dict(default_preprocessing(size), mean=list(cfg.get("mean", IMAGENET_MEAN)),
-                    std=list(cfg.get("std", IMAGENET_STD)), interpolation=cfg.get("interpolation", "bilinear"),
-                    crop_pct=float(cfg.get("crop_pct", 0.875)))
+        prep = preprocessing(size, mean=cfg.get("mean", IMAGENET_MEAN), std=cfg.get("std", IMAGENET_STD),
+                             interpolation=cfg.get("interpolation", "bilinear"), crop_pct=cfg.get("crop_pct", 0.875))
         meta = build_meta(entry.name, n, model=model, preprocessing=prep,
                           pretrain=dict(source="timm pretrained" if pretrained else "random init"))
         return model, meta
@@ -232,6 +263,23 @@ def load_student(name_or_path, num_classes: int | None = None, pretrained: bool 
     model.load_state_dict(state)
     if num_classes is not None and num_classes != meta["num_classes"]:
         model.reset_classifier(num_classes)
-        meta = {**meta, "num_classes": num_classes}
+        meta = {k: v for k, v in meta.items() if k not in ("classes", "classes_source")}  # a new classifier
+        meta["num_classes"] = num_classes
     return model, meta
 
+
+
+def read_weights(source) -> tuple[dict, dict, str]:
+    """(state dict, metadata, where) of a student artifact, or of a trainer checkpoint (.pt/.pth) that keeps
+    the metadata with its task state (distill.ssld does): what `student.init` and `teacher.models` take."""
+    if Path(str(source)).suffix in (".pt", ".pth"):
+        from distill.core.checkpoint import load_checkpoint
+        ckpt = load_checkpoint(source)
+        # distill.ssld keeps the metadata with its task state; a hand-made {"model", "meta"} file works too
+        meta = (ckpt.get("extra", {}).get("meta") or ckpt.get("meta")) if isinstance(ckpt, dict) else None
+        if meta is None or "model" not in ckpt:
+            raise ArtifactError(f"{source} is not an ssld-kit trainer checkpoint (no model / metadata entries); "
+                                "give an artifact (python -m distill.ssld exports one) or a timm:ARCH name")
+        return ckpt["model"], meta, str(source)
+    path = resolve_student(source)
+    return load_file(str(path)), read_meta(path), str(path)

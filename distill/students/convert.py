@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from distill.students import paddle_models  # noqa: F401  registers the PaddleClas-compatible timm models
-from distill.students.artifact import build_meta, default_preprocessing
+from distill.students.artifact import build_meta, preprocessing
 from distill.core.errors import UserError
 from distill.students.paddle_models import paddle_width
 from distill.students.pdparams import load_pdparams
@@ -303,8 +303,8 @@ def convert_pdparams(path, arch_name: str, num_classes: int | None = None) -> tu
     model.load_state_dict(convert_state_dict(paddle_state, arch, model, path.name), strict=True)
     model.eval()
     # PaddleClas eval: resize 256, center crop 224 (crop_pct 0.875), ImageNet mean/std, bilinear.
-    preprocessing = dict(default_preprocessing(224), test_input_size=224)
+    prep = preprocessing(224, test_input_size=224)
     pretrain = dict(source="PaddleClas", file=path.name, sha256=_sha256(path), paddle_arch=arch.paddle_name)
     meta = build_meta(arch.name, found, arch=arch.timm_arch, model=model,
-                      preprocessing=preprocessing, pretrain=pretrain)
+                      preprocessing=prep, pretrain=pretrain)
     return model, meta

@@ -49,3 +49,13 @@ def matched_weight_decay(meta: dict, default: float = DEFAULT_WEIGHT_DECAY,
             f"(e.g. {default:g})")
     return float(default), (f"{default:g}: default, {name}'s recorded decay {float(value):g} has no kind and "
                             "no SGD optimizer on record, so it is not reused")
+
+
+def weight_decay_for(given, meta: dict, default: float = DEFAULT_WEIGHT_DECAY,
+                     flag: str = "--weight-decay / optim.weight_decay", given_by: str = "given") -> tuple[float, str]:
+    """(value, note): the weight decay a consumer was given (`given_by` says where), else the one matched to
+    the student's pretraining (`matched_weight_decay`). The one rule transfer, detection and the detectron2
+    engine share."""
+    if given is not None:
+        return float(given), f"{float(given):g} ({given_by})"
+    return matched_weight_decay(meta, default, flag)

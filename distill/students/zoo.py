@@ -62,6 +62,14 @@ ZOO = {e.name: e for e in [
     ZooEntry("resnext101_32x16d_wsl", "resnext101_32x16d", "resnet", PLAIN, PLAIN, "ResNeXt101_32x16d_wsl"),
 ]}
 
+TIMM_PREFIX = "timm:"   # `timm:ARCH`: any timm model, outside the zoo
+
+
+def is_zoo_name(name: str) -> bool:
+    """A name this module builds: a zoo row or `timm:ARCH` (as opposed to an artifact path or bare arch)."""
+    return name in ZOO or name.startswith(TIMM_PREFIX)
+
+
 # timm architectures whose stage rule is known, for `timm:` names and artifacts that name an arch.
 ARCH_FAMILY = {e.arch: e.family for e in ZOO.values()}
 _PREFIX_FAMILY = (("mobilenetv3_", "mobilenetv3"), ("lcnet_", "lcnet"), ("hgnetv2_", "hgnetv2"),
@@ -76,8 +84,8 @@ def family_of_arch(arch: str) -> str:
 
 def get_entry(name: str) -> ZooEntry:
     """A zoo name, or `timm:ARCH` for any timm model (plain multipliers, family from the arch)."""
-    if name.startswith("timm:"):
-        arch = name[len("timm:"):]
+    if name.startswith(TIMM_PREFIX):
+        arch = name[len(TIMM_PREFIX):]
         if not timm.is_model(arch):
             near = difflib.get_close_matches(arch, timm.list_models(), n=3)
             raise UserError(f"unknown timm model {arch!r}" + (f"; did you mean {', '.join(near)}?" if near else ""))
@@ -91,7 +99,7 @@ def get_entry(name: str) -> ZooEntry:
 
 def create_model(name: str, num_classes: int = 1000, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build a zoo model (or a `timm:` / bare timm arch name) with `num_classes` outputs."""
-    if name in ZOO or name.startswith("timm:"):
+    if is_zoo_name(name):
         entry = get_entry(name)
         arch, kwargs = entry.arch, {**entry.kwargs, **kwargs}
     elif timm.is_model(name):

@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from distill.core.distributed import DistInfo
 from detection.data import (AnnotationError, DetectionDataset, TrainSampler, collate, eval_loader, load_coco,
                             split_paths)
 
@@ -73,7 +74,7 @@ def test_corrupt_image_is_skipped_and_reported(tmp_path, demo_root, coco):
     split = load_coco(write(tmp_path, data), demo_root)
     images, targets, bad = collate([DetectionDataset(split)[i] for i in range(3)])
     assert len(images) == len(targets) == 2 and bad == [str(tmp_path / "broken.jpg")]
-    _, _, bad = next(iter(eval_loader(split, 4, 0)))
+    _, _, bad = next(iter(eval_loader(split, 4, 0, DistInfo(0, 1, 0, torch.device("cpu")))))
     assert len(bad) == 1
 
 

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.core import demo_data
-from distill.core.demo_data import SHAPES, Fill, Scene, SceneObject, generate, labeled_scene, object_mask, render_scene
+from distill.core import demo_data, demo_scenes
+from distill.core.demo_data import generate
+from distill.core.demo_scenes import SHAPES, Fill, Scene, SceneObject, labeled_scene, object_mask, render_scene
 from distill.core.errors import UserError, run_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -241,11 +242,11 @@ def test_pool_holds_off_topic_scenes_and_mirrored_val_copies(tmp_path):
     copies = [p for p in pool if Path(p).stem.startswith("copy_")]
     assert len(pool) == 44 == s["unlabeled"]["images"] and len(copies) == 4
     assert pool.index(copies[1]) > 5 and pool.index(copies[-1]) < 40     # spread through the pool, not appended
-    off = [demo_data.is_off_topic(5, i, 0.5) for i in range(40)]
+    off = [demo_scenes.is_off_topic(5, i, 0.5) for i in range(40)]
     assert s["unlabeled"]["off_topic"] == sum(off) and 10 < sum(off) < 30
     for i in range(40):
-        scene = demo_data.unlabeled_scene(5, i, s["classes"], 32, empty=0.5)
-        with_main = demo_data.unlabeled_scene(5, i, s["classes"], 32)
+        scene = demo_scenes.unlabeled_scene(5, i, s["classes"], 32, empty=0.5)
+        with_main = demo_scenes.unlabeled_scene(5, i, s["classes"], 32)
         assert scene.objects == (with_main.objects[1:] if off[i] else with_main.objects)
     val = {p.relative_to(out).as_posix(): p for p in (out / "val").rglob("*.jpg")}
     classes_copied = set()

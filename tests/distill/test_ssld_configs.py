@@ -12,7 +12,7 @@ CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 def recipe(name):
     cfg = load_config(CONFIGS / name, [], ssld.DEFAULTS)
-    ssld.validate(cfg)
+    ssld.check(cfg)
     return cfg
 
 
@@ -43,7 +43,7 @@ def test_mv3_recipe():
 
 def test_funmatch_recipe_is_function_matching():
     cfg = recipe("funmatch.yaml")
-    assert cfg.optim.name == "adamw" and cfg.data.augment == "inception" and cfg.data.mixup
+    assert cfg.optim.name == "adamw" and cfg.data.augment == "inception" and cfg.data.function_matching
     assert cfg.schedule.epochs >= 1000 and cfg.optim.clip_grad_norm == 1.0
 
 

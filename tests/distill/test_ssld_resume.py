@@ -33,7 +33,7 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path, demo_root):
     cfg = tiny_config(tmp_path, demo_root, "run", schedule=dict(epochs=3), loss=dict(kind="ssld", hard_weight=0.3),
                       teacher=dict(models=["timm:test_resnet"], bn="train"),
                       student=dict(arch="timm:test_resnet", drop_rate=0.3, drop_path_rate=0.2),
-                      data=dict(mixup=True), optim=dict(name="sgd", lr=0.05, base_batch=8, weight_decay=1e-4),
+                      data=dict(function_matching=True), optim=dict(name="sgd", lr=0.05, base_batch=8, weight_decay=1e-4),
                       run=dict(checkpoint_period=2, checkpoint_minutes=0.0, device="cpu", workers=0, log_period=2,
                                progress=False))
     config = write_config(tmp_path, cfg)

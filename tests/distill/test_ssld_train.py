@@ -67,8 +67,9 @@ def test_adamw_bf16_channels_last_clip_and_multipliers_run(tmp_path, demo_root):
                       run=dict(amp="bf16", channels_last=True, device="cpu", workers=0, progress=False),
                       optim=dict(name="adamw", lr=1e-3, weight_decay=0.05, clip_grad_norm=1.0, base_batch=4),
                       student=dict(arch="timm:test_resnet", multipliers=[0, 0.5, 0.5, 1, 1]),
-                      data=dict(mixup=True, augment="inception"), eval=dict(test_resolution=False))
-    task = ssld.run(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS), ssld.init_distributed("cpu")).task
+                      data=dict(function_matching=True, augment="inception"), eval=dict(test_resolution=False))
+    task = ssld.run(ssld.check(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS)),
+                    ssld.init_distributed("cpu")).task
     opt = task.optimizer
     assert isinstance(opt, torch.optim.AdamW)
     assert opt.defaults["lr"] == pytest.approx(2e-3)  # linear scaling: global batch 8 / base 4
@@ -81,7 +82,8 @@ def test_adamw_bf16_channels_last_clip_and_multipliers_run(tmp_path, demo_root):
 
 def test_lr_follows_per_iteration_warmup_then_cosine(tmp_path, demo_root):
     cfg = tiny_config(tmp_path, demo_root, "lr", schedule=dict(epochs=2, kind="cosine", warmup_epochs=1.0))
-    engine = ssld.run(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS), ssld.init_distributed("cpu"))
+    engine = ssld.run(ssld.check(ssld.load_config(write_config(tmp_path, cfg), [], ssld.DEFAULTS)),
+                      ssld.init_distributed("cpu"))
     rows = [r for r in csv_rows(tmp_path / "lr" / "metrics.csv") if not math.isnan(r["lr"])]
     lr = {int(r["step"]): r["lr"] for r in rows}
     # 6 it/epoch, warmup 6 its from 0, then cosine to 0 at step 12; logged lr is for the next step

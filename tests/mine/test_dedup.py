@@ -117,3 +117,5 @@ def test_a_teacher_without_trained_weights_is_refused(planted, tmp_path, capsys,
     meta["pretrain"] = dict(meta["pretrain"], top1=71.5)
     assert untrained_teacher(str(trained), meta) is None
     assert untrained_teacher("timm:resnet50", dict(pretrain=dict(source="timm pretrained"))) is None
+    # transfer.finetune keeps a random init's pretrain record and adds its score: trained (on the user's data)
+    assert untrained_teacher("ft.safetensors", dict(pretrain=dict(source="random init"), transfer=dict(score=93.0))) is None

@@ -242,7 +242,7 @@ def test_demo_mined_recipe_trains_on_the_merged_list():
     from distill.core.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parents[2] / "configs" / "demo_mined.yaml", [], ssld.DEFAULTS)
-    ssld.validate(cfg)
+    ssld.check(cfg)
     assert [dict(s) for s in cfg.data.train] == [{"type": "list", "path": "mined/ssld_train_list.txt"}]
     assert cfg.loss.kind == "ssld" and cfg.loss.hard_weight == 0 and cfg.teacher.models
 

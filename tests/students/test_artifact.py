@@ -1,3 +1,4 @@
+import re
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 from distill.students import artifact
 from distill.students.artifact import (ArtifactError, build_meta, load_student, read_meta, resolve_student, save_student)
 from distill.students.zoo import ZOO, create_model
+from helpers import make_artifact
 
 R18 = ZOO["r18_vd"].arch  # the timm architecture the r18_vd zoo row names
 
@@ -83,9 +85,26 @@ def test_name_resolves_in_ssld_home_and_unknown_name_lists_known(tmp_path, ssld_
     assert "tiny_ssld" in msg and str(ssld_home) in msg and "SSLD_HOME" in msg and "timm:ARCH" in msg
 
 
-def test_default_home_is_user_cache(monkeypatch):
-    monkeypatch.delenv("SSLD_HOME", raising=False)
-    assert artifact.ssld_home() == artifact.Path.home() / ".cache" / "ssld"
+def test_home_is_ssld_home_else_the_user_cache_and_a_bare_name_resolves_there(tmp_path, monkeypatch):
+    """$SSLD_HOME (with ~ expanded) when set, else ~/.cache/ssld of the user's $HOME; a bare name is found in
+    that folder and only there."""
+    monkeypatch.chdir(tmp_path)                                   # no NAME.safetensors in the current folder
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("SSLD_HOME", "~/models")
+    custom, cache = tmp_path / "user" / "models", tmp_path / "user" / ".cache" / "ssld"
+    assert artifact.ssld_home() == custom
+    custom.mkdir(parents=True)
+    make_artifact(custom / "tiny_ssld.safetensors")
+    assert resolve_student("tiny_ssld") == custom / "tiny_ssld.safetensors"
+
+    monkeypatch.delenv("SSLD_HOME")
+    assert artifact.ssld_home() == cache
+    with pytest.raises(ArtifactError, match=re.escape(str(cache))):   # $SSLD_HOME's folder is no longer searched
+        resolve_student("tiny_ssld")
+    cache.mkdir(parents=True)
+    make_artifact(cache / "tiny_ssld.safetensors")
+    assert resolve_student("tiny_ssld") == cache / "tiny_ssld.safetensors"
+    assert read_meta("tiny_ssld")["arch"] == "test_resnet"
 
 
 def test_mismatched_architecture_names_keys_and_shapes(tmp_path):

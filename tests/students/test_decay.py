@@ -1,10 +1,9 @@
 """Matched decay reuses a coupled L2 as is, refuses a decoupled (AdamW) value, and says where the number came from."""
 import pytest
 
-from detection.backbone import default_weight_decay, matched_decay
 from distill.core.errors import UserError
 from distill.students.artifact import build_meta
-from distill.students.decay import DEFAULT_WEIGHT_DECAY, decay_kind, matched_weight_decay
+from distill.students.decay import DEFAULT_WEIGHT_DECAY, decay_kind, matched_weight_decay, weight_decay_for
 from distill.students.download import PUBLISHED, published_pretrain
 
 
@@ -47,9 +46,10 @@ def test_published_paddleclas_students_carry_their_l2_and_detection_uses_it():
     r50 = {"name": "r50_vd_ssld", "pretrain": published_pretrain(PUBLISHED["r50_vd_ssld"])}
     assert r50["pretrain"]["weight_decay_kind"] == "coupled" and r50["pretrain"]["epochs"] == 420
     assert r50["pretrain"]["top1"] == 83.0 and any("2e-5" in n for n in r50["pretrain"]["notes"])  # disagreement
-    assert default_weight_decay(r50) == 7e-5
-    assert "7e-05: matched" in matched_decay(r50)[1]
+    value, note = weight_decay_for(None, r50, flag="-o optim.weight_decay=VALUE")   # what detection.train does
+    assert value == 7e-5 and "7e-05: matched" in note
+    assert weight_decay_for(3e-4, r50) == (3e-4, "0.0003 (given)")                   # a given value wins
     mv3 = {"pretrain": published_pretrain(PUBLISHED["mv3_large_ssld"])}
-    assert default_weight_decay(mv3) == 1e-5 and mv3["pretrain"]["top1"] == 78.96
+    assert weight_decay_for(None, mv3)[0] == 1e-5 and mv3["pretrain"]["top1"] == 78.96
     with pytest.raises(UserError, match="optim.weight_decay"):
-        default_weight_decay(meta(weight_decay=0.05, weight_decay_kind="decoupled"))
+        weight_decay_for(None, meta(weight_decay=0.05, weight_decay_kind="decoupled"), flag="-o optim.weight_decay=V")

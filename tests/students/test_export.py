@@ -7,7 +7,7 @@ import sys
 import pytest
 import timm
 import torch
-from helpers import make_artifact
+from helpers import FRUIT, make_artifact, make_named_artifact
 
 from distill.core.errors import UserError
 from distill.students.artifact import load_student
@@ -82,3 +82,60 @@ def test_cli_writes_the_folder_and_push_needs_huggingface_hub(tmp_path, capsys, 
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # as if not installed
     with pytest.raises(UserError, match="pip install huggingface_hub"):
         push_folder(tmp_path / "out", "org/name")
+
+
+@pytest.fixture
+def named_folder(tmp_path):
+    src = make_named_artifact(tmp_path / "named.safetensors", winner=5)
+    return src, export_folder(src, tmp_path / "named_timm")
+
+
+def test_config_names_the_classes_and_leaves_num_classes_out_of_model_args(named_folder, exported):
+    config = json.loads((named_folder[1] / "config.json").read_text())
+    assert config["label_names"] == FRUIT and config["num_classes"] == 8
+    assert "num_classes" not in config.get("model_args", {})
+    assert "lime" in (named_folder[1] / "README.md").read_text()
+    unnamed = json.loads((exported[1] / "config.json").read_text())   # no names recorded: none invented
+    assert "label_names" not in unnamed and "num_classes" not in unnamed.get("model_args", {})
+    model = timm.create_model(f"local-dir:{named_folder[1]}", pretrained=True)   # timm still reads it
+    assert model.num_classes == 8 and model.pretrained_cfg["label_names"] == FRUIT
+
+
+def test_transformers_loads_the_folder_with_the_same_logits_and_class_names(named_folder):
+    import transformers
+    src, out = named_folder
+    original, _ = load_student(src)
+    hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+    assert hf.config.id2label == dict(enumerate(FRUIT))
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=x).logits, original.eval()(x), rtol=0, atol=1e-6)
+
+
+def test_transformers_pipeline_names_the_class(named_folder):
+    import transformers
+    from distill.core.demo_data import SHAPES, labeled_scene, render_scene
+
+    image = render_scene(labeled_scene(0, "val", 0, 0, SHAPES, 64))
+    top = transformers.pipeline("image-classification", model=str(named_folder[1]))(image)
+    assert top[0]["label"] == "lime" and top[0]["score"] > 0.99   # class 5 of FRUIT, by name
+
+
+def test_a_paddleclas_architecture_loads_in_transformers_once_distill_is_imported(tmp_path):
+    """transformers builds the model with timm.create_model: the *_paddle archs exist after `import distill`
+    (imported here by the tests, as a user's script must)."""
+    import transformers
+    from distill.students.artifact import build_meta, save_student, with_classes
+    from distill.students.zoo import create_model
+
+    torch.manual_seed(0)
+    model = create_model("pplcnet_x0_25", num_classes=3).eval()
+    meta = with_classes(build_meta("pplcnet_x0_25", 3, model=model), ["a", "b", "c"], "x")
+    save_student(tmp_path / "lc.safetensors", model, meta)
+    out = export_folder(tmp_path / "lc.safetensors", tmp_path / "lc")
+    hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(hf(pixel_values=x).logits, model(x), rtol=0, atol=1e-6)
+    assert hf.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert "import distill" in (out / "README.md").read_text()

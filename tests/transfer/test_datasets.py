@@ -13,8 +13,9 @@ from PIL import Image
 
 from distill.core.errors import UserError
 from distill.core.metrics import evaluate_classifier
-from transfer.datasets import (MEAN_PER_CLASS, SPECS, TEN, TOP1, DatasetNotFound, Split, load_dataset,
-                               per_class_take, protocol_table, stratified_split)
+from transfer.datasets import load_dataset, protocol_table
+from transfer.splits import MEAN_PER_CLASS, TOP1, DatasetNotFound, Split, per_class_take, stratified_split
+from transfer.ten_datasets import SPECS, TEN
 from transfer.datasets import main as datasets_main
 
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import transfer.config as tcfg
 import transfer.finetune as ft
 from helpers import MULT, make_artifact
 from distill.students.artifact import load_student, read_meta
@@ -24,7 +25,7 @@ def run(tmp_path, data, *extra, name="run", backbone=None):
 
 
 def cfg_for(*argv):
-    return ft.build_config(ft.parse_args(["--dataset", "folder:unused", "--backbone", "timm:test_resnet", *argv]))
+    return tcfg.check(tcfg.load(tcfg.parse(["--dataset", "folder:unused", "--backbone", "timm:test_resnet", *argv])))
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,7 @@ def test_matched_decay_and_recommended_multipliers_are_the_defaults(tmp_path):
     assert (res.image_size, res.test_size) == (32, 48)
     given = ft.resolve_defaults(cfg_for("--weight-decay", "1e-3", "--lr-mult", "1,1,1,1,1", "--image-size", "64"),
                                 meta)
-    assert given.weight_decay == 1e-3 and given.lr_mult == [1.0] * 5 and given.test_size == 96
+    assert given.weight_decay == 1e-3 and given.lr_mult == [1.0] * 5 and given.test_size == 72   # ~1.15x
     # an artifact without pretrain.weight_decay (a plain timm model) falls back to the documented default
     _, plain = load_student("timm:test_resnet", num_classes=4)
     res = ft.resolve_defaults(cfg_for(), plain)
@@ -126,10 +127,10 @@ def test_finetune_learns_and_reports_both_resolutions_and_an_artifact(tmp_path, 
     results, out = run(tmp_path, easy_root, "--epochs", "3", "--lr", "0.1", "--image-size", "32",
                        backbone="timm:test_resnet")
     assert results["finetune"]["score"] == 100.0 and results["finetune"]["score_test_size"] == 100.0
-    assert (results["train_size"], results["test_size"]) == (32, 64)   # distill.students.artifact.default_test_size
+    assert (results["train_size"], results["test_size"]) == (32, 36)   # about 1.15x (default_test_size)
     model, meta = load_student(out / "model.safetensors")
     assert meta["num_classes"] == 2 and meta["transfer"]["dataset"] == f"folder:{easy_root}"
-    assert meta["preprocessing"]["input_size"] == 32 and meta["preprocessing"]["test_input_size"] == 64
+    assert meta["preprocessing"]["input_size"] == 32 and meta["preprocessing"]["test_input_size"] == 36
     assert json.loads((out / "results.json").read_text())["finetune"]["score"] == 100.0
     assert (out / "metrics.csv").is_file() and (out / "metrics.png").is_file()
 
@@ -140,7 +141,7 @@ def test_bad_input_is_one_clear_error(tmp_path, demo_root, capsys):
     with pytest.raises(UserError, match="did you mean 'optim.lr'"):
         cfg_for("-o", "optim.lrr=0.1")
     with pytest.raises(UserError, match="no dataset"):
-        ft.build_config(ft.parse_args(["--backbone", "timm:test_resnet"]))
+        tcfg.check(tcfg.load(tcfg.parse(["--backbone", "timm:test_resnet"])))
     with pytest.raises(SystemExit) as e:
         ft.run_cli(ft.main, ["--dataset", "flowers102", "--backbone", "timm:test_resnet",
                              "--data-root", str(tmp_path), "--out-dir", str(tmp_path / "x")])

@@ -7,6 +7,7 @@ import pytest
 
 import transfer.finetune as ft
 import transfer.search as search
+import transfer.search_report as search_report
 from distill.core.errors import UserError, run_cli
 from helpers import MULT, make_artifact
 
@@ -114,8 +115,8 @@ def test_heatmap_shares_one_colour_scale_with_a_bar_and_legible_labels(tmp_path,
     monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: saved.append(fig) or real_savefig(fig, *a, **k))
     grid = {"optim.lr": [0.1, 0.01], "optim.weight_decay": [1e-4, 1e-5], "optim.lr_mult": [MULT, [1.0] * 5]}
     cells = search.cells_of(grid)
-    rows = [{"cell": search.cell_id(c), "val": None if i == 0 else 50.0 + 5 * i} for i, c in enumerate(cells)]
-    search.plot_heatmap(tmp_path / "search.png", grid, rows, "top1")
+    rows = [{"cell": search_report.cell_id(c), "val": None if i == 0 else 50.0 + 5 * i} for i, c in enumerate(cells)]
+    search_report.plot_heatmap(tmp_path / "search.png", grid, rows, "top1")
     fig = saved[0]
     panels = [ax for ax in fig.axes if ax.images]
     assert len(panels) == 2 and len(fig.axes) == 3                        # two lr_mult panels + the colour bar
