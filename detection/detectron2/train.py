@@ -33,6 +33,7 @@ from distill.core.distributed import barrier
 from distill.core.errors import UserError
 from distill.core.precision import AMP_DTYPES
 from distill.students.artifact import load_student, read_meta
+from distill.students.zoo import TIMM_PREFIX
 
 from ..coco_eval import METRICS
 from ..data import load_coco, split_paths
@@ -124,7 +125,7 @@ class RunTrainer(SSLDTrainer):
 
 def student_meta(name: str, pretrained: bool) -> dict:
     """The student's metadata (an artifact's is read without its weights)."""
-    return load_student(name, pretrained=pretrained)[1] if str(name).startswith("timm:") else read_meta(name)
+    return load_student(name, pretrained=pretrained)[1] if str(name).startswith(TIMM_PREFIX) else read_meta(name)
 
 
 def check_resume(folder: Path, cfg: dict, restart: bool, is_main: bool) -> None:

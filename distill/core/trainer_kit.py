@@ -3,9 +3,10 @@
 Every trainer takes the same five steps, under the same names:
 
     parse(argv) -> args      the CLI: `add_trainer_args` (-c, -o, --out-dir, --restart) + its own flags
-    load(args) -> Config     defaults <- recipe <- -o overrides <- flags (`distill.core.config.load_config`)
+    load(args) -> Config     defaults <- recipe <- flags <- -o overrides (`distill.core.config.load_config`)
     check(cfg) -> Config     `check_run` + `check_sections` + the trainer's own rules (one-line errors)
-    build(cfg, dist) -> Task data, model, optimizer, scheduler (`distill.core.engine.Task`)
+    build -> Task            the trainer's Task, built from (cfg, dist, its checked data): model, optimizer,
+                             scheduler, loaders (`distill.core.engine.Task`)
     run(...)                 `Engine(task, cfg, dist).run()`, then the trainer's own outputs
 
 One `Config` (`distill.core.config.Config`) goes from load to the engine. This module holds the shared
