@@ -16,7 +16,7 @@ from distill.students.zoo import create_model
 from helpers import DETECTION_TINY
 
 pytest.importorskip("detectron2", reason="detectron2 is not installed (build it from source: README, 'detectron2 "
-                                         "engine'; CI installs ../shared/wheels/detectron2-*.whl when present)")
+                                         "engine'; .ci/run installs a prebuilt wheel when one is beside the checkout)")
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_CONFIG = str(ROOT / "configs" / "detection" / "demo.yaml")
