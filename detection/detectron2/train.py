@@ -28,9 +28,8 @@ from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from distill.core.atomic import atomic_write
-from distill.core.checkpoint import config_changes, load_checkpoint, save_checkpoint
+from distill.core.checkpoint import load_checkpoint, refuse_changed_config, save_checkpoint
 from distill.core.distributed import barrier
-from distill.core.errors import UserError
 from distill.core.precision import AMP_DTYPES
 from distill.students.artifact import load_student, read_meta
 from distill.students.zoo import TIMM_PREFIX
@@ -139,13 +138,7 @@ def check_resume(folder: Path, cfg: dict, restart: bool, is_main: bool) -> None:
         return
     saved = folder / RUN_CONFIG
     if (folder / "last_checkpoint").is_file() and saved.is_file():
-        refused = {k: v for k, v in config_changes(json.loads(saved.read_text()), cfg).items()
-                   if k not in SAFE_ON_RESUME}
-        if refused:
-            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:6])
-            raise UserError(f"{folder.parent} holds a run with another config ({shown}); rerun with the same "
-                            f"config to resume, --restart to discard it, or another --out-dir (safe to change on "
-                            f"resume with --engine detectron2: {', '.join(SAFE_ON_RESUME)})")
+        refuse_changed_config(json.loads(saved.read_text()), cfg, SAFE_ON_RESUME, folder.parent)
 
 
 @contextlib.contextmanager
@@ -193,7 +186,7 @@ def train(cfg, dist, out: Path, restart: bool) -> dict:
 
 def run(cfg: dict, dist, out: Path, restart: bool, notes: list[str]) -> dict:
     folder = out / ENGINE
-    seed_all_rng(cfg["run"]["seed"] + dist.rank)
+    seed_all_rng(cfg["run"]["seed"] + dist.rank)   # detectron2's own convention (its launch() seeds each rank so)
     # Build: data (checked by the kit's loader, then registered with detectron2), config, trainer.
     train_split = load_coco(*split_paths(cfg["data"], "train"))
     val_split = load_coco(*split_paths(cfg["data"], "val"), category_ids=train_split.category_ids)

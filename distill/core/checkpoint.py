@@ -100,13 +100,19 @@ def open_run(path, config: dict, restart: bool, safe_keys=(), is_main: bool = Tr
     if "config" not in ckpt or "engine" not in ckpt:
         raise UserError(f"{path} is not a checkpoint of this trainer (no config/engine state); "
                         "pass --restart to discard it, or choose another --out-dir")
-    changes = config_changes(ckpt["config"], config)
+    ckpt["changed"] = refuse_changed_config(ckpt["config"], config, safe_keys, path.parent)
+    return ckpt
+
+
+def refuse_changed_config(saved: dict, current: dict, safe_keys, run_folder) -> dict[str, tuple]:
+    """The resume policy's check: {key: (old, new)} of the changes, or a UserError naming every change
+    outside `safe_keys` (the engine's resume and the detectron2 engine's use it)."""
+    changes = config_changes(saved, current)
     refused = {k: v for k, v in changes.items() if k not in safe_keys}
     if refused:
         shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(refused.items())[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
-        raise UserError(f"{path.parent} holds a run with another config ({shown}{more}); rerun with the same "
+        raise UserError(f"{run_folder} holds a run with another config ({shown}{more}); rerun with the same "
                         f"config to resume, --restart to discard it, or another --out-dir "
                         f"(safe to change on resume: {', '.join(safe_keys)})")
-    ckpt["changed"] = changes
-    return ckpt
+    return changes
