@@ -21,6 +21,7 @@ from distill.core.atomic import atomic_write
 from distill.core.benchmark import machine_line
 from distill.core.image_folder import list_image_folder
 from distill.core.images import ListDataset, collate_skipping
+from distill.core.metrics import evaluate_classifier
 from distill.students.artifact import class_names, load_student
 from distill.students.predict import eval_transform
 from distill.students.zoo_bench import count_macs, paired_latency
@@ -58,27 +59,18 @@ def speed(model, size: int, onnx: bool) -> dict:
     return out
 
 
-@torch.inference_mode()
 def confusion(model, meta: dict, val: Path, size: int, classes: list[str], workers: int = 0) -> dict:
     """Top-1, mean per-class accuracy and the confusion matrix (rows: true class, columns: predicted) on val
     at `size` through the artifact's test transform."""
     _, samples = list_image_folder(val, classes)
     loader = DataLoader(ListDataset(samples, eval_transform(meta, size)), batch_size=64, num_workers=workers,
                         collate_fn=collate_skipping)
-    n = len(classes)
-    matrix = torch.zeros(n, n, dtype=torch.long)
-    model = model.cpu().eval()
-    for images, labels, _ in loader:
-        if len(images):
-            predicted = model(images).argmax(1)
-            matrix += torch.bincount(labels * n + predicted, minlength=n * n).reshape(n, n)
-    seen = matrix.sum(1)
-    correct = matrix.diag()
-    per_class = [100.0 * c / s if s else None for c, s in zip(correct.tolist(), seen.tolist())]
-    present = [p for p in per_class if p is not None]
-    return dict(size=size, top1=100.0 * correct.sum().item() / max(seen.sum().item(), 1),
-                mean_per_class=sum(present) / max(len(present), 1), per_class=per_class, matrix=matrix.tolist(),
-                images=int(seen.sum()))
+    r = evaluate_classifier(model.cpu(), loader, "cpu", len(classes), confusion=True)
+    matrix = r["confusion"].long()
+    seen = matrix.sum(1).tolist()
+    per_class = [100.0 * c / s if s else None for c, s in zip(matrix.diag().tolist(), seen)]
+    return dict(size=size, top1=r["top1"], mean_per_class=r["mean_per_class"], per_class=per_class,
+                matrix=matrix.tolist(), images=int(sum(seen)))
 
 
 def measure(plan, models: dict, exported: Path, onnx: bool) -> dict:

@@ -15,18 +15,17 @@ def topk_correct(logits: torch.Tensor, targets: torch.Tensor, ks=(1, 5)) -> list
     return [int(hits[:, :k].any(dim=1).sum()) for k in ks]
 
 
-def per_class_counts(logits: torch.Tensor, targets: torch.Tensor, num_classes: int):
-    """(correct per class, samples per class) as float tensors of length num_classes."""
-    correct = (logits.argmax(1) == targets).float()
-    hits = torch.zeros(num_classes).index_add_(0, targets.cpu(), correct.cpu())
-    seen = torch.zeros(num_classes).index_add_(0, targets.cpu(), torch.ones_like(correct).cpu())
-    return hits, seen
+def confusion_counts(logits: torch.Tensor, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts, rows the true class, columns the predicted one (float64, on CPU)."""
+    cells = targets.cpu() * num_classes + logits.argmax(1).cpu()
+    return torch.bincount(cells, minlength=num_classes ** 2).reshape(num_classes, num_classes).double()
 
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_dtype=None,
-                        channels_last: bool = False) -> dict:
-    """top1/top5/mean_per_class in percent over the whole (possibly sharded) loader, and n.
+                        channels_last: bool = False, confusion: bool = False) -> dict:
+    """top1/top5/mean_per_class in percent over the whole (possibly sharded) loader, and n; with `confusion`
+    also the confusion matrix (rows: true class, columns: predicted; a float64 tensor).
 
     Mean per-class accuracy averages over classes present in the data (Kornblith et al. protocol).
     Under DDP each rank evaluates its shard; counts are summed, so the result equals a single-process run
@@ -36,8 +35,7 @@ def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_
     model.eval()
     device = torch.device(device)
     counts = torch.zeros(3, dtype=torch.float64)  # n, top1, top5
-    hits = torch.zeros(num_classes, dtype=torch.float64)
-    seen = torch.zeros(num_classes, dtype=torch.float64)
+    matrix = torch.zeros(num_classes, num_classes, dtype=torch.float64)
     for batch in loader:
         images, targets = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if channels_last:   # the layout the model was trained in
@@ -46,14 +44,14 @@ def evaluate_classifier(model: nn.Module, loader, device, num_classes: int, amp_
             logits = model(images).float()
         c1, c5 = topk_correct(logits, targets, (1, 5))
         counts += torch.tensor([len(targets), c1, c5], dtype=torch.float64)
-        h, s = per_class_counts(logits, targets, num_classes)
-        hits += h.double()
-        seen += s.double()
+        matrix += confusion_counts(logits, targets, num_classes)
     model.train(was_training)
-    totals = all_reduce_sum(torch.cat([counts, hits, seen]).to(device)).cpu()
+    totals = all_reduce_sum(torch.cat([counts, matrix.flatten()]).to(device)).cpu()
     n, c1, c5 = totals[:3].tolist()
-    hits, seen = totals[3:3 + num_classes], totals[3 + num_classes:]
+    matrix = totals[3:].reshape(num_classes, num_classes)
+    hits, seen = matrix.diag(), matrix.sum(1)
     present = seen > 0
     mean_pc = float((hits[present] / seen[present]).mean() * 100) if present.any() else 0.0
     n = max(n, 1.0)
-    return dict(top1=100 * c1 / n, top5=100 * c5 / n, mean_per_class=mean_pc, n=int(n))
+    out = dict(top1=100 * c1 / n, top5=100 * c5 / n, mean_per_class=mean_pc, n=int(n))
+    return dict(out, confusion=matrix) if confusion else out

@@ -84,6 +84,10 @@ def test_evaluate_matches_numpy_reference():
     assert got["top1"] == pytest.approx(top1) and got["top5"] == pytest.approx(top5)
     assert got["mean_per_class"] == pytest.approx(mpc) and abs(mpc - top1) > 1e-6
     assert topk_correct(torch.tensor([[0.1, 0.9]]), torch.tensor([0]), (1, 2)) == [0, 1]
+    matrix = evaluate_classifier(Fixed(logits), loader, "cpu", num_classes=c, confusion=True)["confusion"]
+    expected = np.zeros((c, c))
+    np.add.at(expected, (targets.numpy(), logits.argmax(1).numpy()), 1)
+    assert np.array_equal(matrix.numpy(), expected) and "confusion" not in got
 
 
 def test_evaluate_two_processes_equals_one(tmp_path):
