@@ -30,7 +30,7 @@ from distill.core.distributed import DistInfo, barrier, cleanup, init_distribute
 from distill.core.engine import Engine, NonFiniteLoss, StepOutput, Task
 from distill.core.errors import run_cli
 from distill.core.image_size import own_resolution
-from distill.core.images import build_transform, collate_skipping
+from distill.core.images import collate_skipping
 from distill.core.metrics import evaluate_classifier
 from distill.core.order import resumable_loader
 from distill.core.precision import AMP_DTYPES
@@ -38,7 +38,7 @@ from distill.core.runlog import plot_metrics
 from distill.core.schedule import scale_lr
 from distill.core.trainer_kit import (RUN_SAFE_ON_RESUME, lr_scheduler, seed_for_build, seed_for_training,
                                       sharded_eval_loader)
-from distill.students.artifact import default_test_size, load_student, save_student, with_classes
+from distill.students.artifact import default_test_size, load_student, preprocess, save_student, with_classes
 from distill.students.decay import weight_decay_for
 from distill.students.stages import parse_multipliers, stage_param_groups
 
@@ -56,13 +56,6 @@ def crop_scale_for(size: int) -> tuple[float, float]:
     as images get smaller so the smallest crop keeps about the same side in pixels (capped at 60%): on 32 px
     images an 8% crop is a 9 px patch that no longer shows the object."""
     return (min(0.6, round(0.08 * 224 / max(size, 1), 3)) if size < 224 else 0.08, 1.0)
-
-
-def transform(kind: str, prep: dict, size: int, crop_scale=(0.08, 1.0)):
-    """The artifact's preprocessing at `size`: `random_crop` (+ flip) to train, `test` (resize to
-    size / crop_pct, centre crop) to evaluate and for the Fix stage."""
-    return build_transform(kind, size, prep["mean"], prep["std"], crop_pct=prep["crop_pct"], scale=crop_scale,
-                           interpolation=prep.get("interpolation", "bilinear"))
 
 
 @dataclass
@@ -196,7 +189,7 @@ class Run:
     def evaluate(self, net: nn.Module, size: int) -> dict:
         cfg = self.cfg
         batch = (cfg.data.eval_batch_size or 2 * cfg.data.batch_size) // self.dist.world_size
-        loader = sharded_eval_loader(self.eval_split.with_transform(transform("test", self.meta["preprocessing"], size)),
+        loader = sharded_eval_loader(self.eval_split.with_transform(preprocess(self.meta["preprocessing"], size)),
                                      batch, cfg.run.workers, self.dist)
         return evaluate_classifier(net, loader, self.dist.device, self.data.num_classes, AMP_DTYPES[cfg.run.amp],
                                    channels_last=cfg.run.channels_last)
@@ -216,7 +209,7 @@ class FinetuneTask(Task):
         self.epochs = cfg.fix.epochs if fix else cfg.schedule.epochs
         self.size = res.test_size if fix else res.image_size
         prep = run.meta["preprocessing"]
-        tf = transform("test", prep, self.size) if fix else transform("random_crop", prep, self.size, res.crop_scale)
+        tf = preprocess(prep, self.size) if fix else preprocess(prep, self.size, "random_crop", res.crop_scale)
         self.global_batch = (cfg.fix.batch_size or cfg.data.batch_size) if fix else cfg.data.batch_size
         batch = fitting_batch(self.global_batch, len(run.fit_split), dist,
                                "fix.batch_size" if fix else "data.batch_size")

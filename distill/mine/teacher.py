@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD
-from distill.core.images import build_transform
+from distill.students.artifact import IMAGENET_MEAN, IMAGENET_STD, preprocess
 from distill.core.errors import UserError, number_in
 from distill.core.precision import native_bf16
 from distill.teacher import Teacher, load_teacher_model
@@ -27,8 +26,7 @@ def load_mining_teacher(sources, num_classes: int = 1000, input_size: int | None
     prep = metas[0].get("preprocessing", {})
     size = input_size or int(prep.get("input_size", 224))
     mean, std = prep.get("mean", IMAGENET_MEAN), prep.get("std", IMAGENET_STD)
-    transform = build_transform("test", size, mean, std, float(prep.get("crop_pct", 0.875)),
-                                interpolation=prep.get("interpolation", "bilinear"))
+    transform = preprocess(prep, size)
     teacher = Teacher(models, metas, bn="eval", student_mean=mean, student_std=std)
     return teacher, transform, classes.pop(), models[0]
 

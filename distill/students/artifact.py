@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from distill.students import zoo
 from distill.core.atomic import atomic_write
 from distill.core.errors import UserError
+from distill.core.images import build_transform
 from distill.students.published import PUBLISHED, convert_command
 from distill.students.stages import LAYOUT_HELP, stage_layout
 
@@ -47,6 +48,14 @@ def preprocessing(input_size: int = 224, test_input_size: int | None = None, cro
     return dict(input_size=int(input_size), test_input_size=int(test_input_size or default_test_size(input_size)),
                 crop_pct=float(crop_pct), mean=[float(m) for m in mean], std=[float(s) for s in std],
                 interpolation=interpolation)
+
+
+def preprocess(prep: dict, size: int, kind: str = "test", crop_scale=(0.08, 1.0)):
+    """An artifact's preprocessing block as a transform at `size`: `test` (resize to size / crop_pct, centre
+    crop) to evaluate, predict and for Fix; `random_crop` (+ flip, areas `crop_scale`) to train."""
+    return build_transform(kind, size, prep.get("mean", IMAGENET_MEAN), prep.get("std", IMAGENET_STD),
+                           crop_pct=float(prep.get("crop_pct", 0.875)), scale=crop_scale,
+                           interpolation=prep.get("interpolation", "bilinear"))
 
 
 def build_meta(name: str, num_classes: int, *, arch: str | None = None, model: nn.Module | None = None,

@@ -23,8 +23,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from distill.core.atomic import atomic_write
 from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
 from distill.core.image_folder import images_under
-from distill.core.images import ListDataset, build_transform, collate_skipping
-from distill.students.artifact import class_names, load_student
+from distill.core.images import ListDataset, collate_skipping
+from distill.students.artifact import class_names, load_student, preprocess
 
 DEFAULT_CSV = "predictions.csv"
 
@@ -57,9 +57,7 @@ def eval_size(meta: dict, size: int | None = None) -> int:
 def eval_transform(meta: dict, size: int | None = None):
     """The artifact's evaluation transform (resize to size / crop_pct, centre crop, mean/std) at `size`,
     by default its test resolution."""
-    prep = meta["preprocessing"]
-    return build_transform("test", eval_size(meta, size), prep["mean"], prep["std"], float(prep.get("crop_pct", 0.875)),
-                           interpolation=prep.get("interpolation", "bilinear"))
+    return preprocess(meta["preprocessing"], eval_size(meta, size))
 
 
 @dataclass
