@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 from distill.core.atomic import atomic_write
 from distill.core.distributed import per_rank_batch
 from distill.core.errors import UserError
-from distill.core.images import Skipped, UnreadableImage, build_transform
+from distill.core.images import Skipped, UnreadableImage, build_transform, crop_area
 from distill.data import TrainStream, stream_loader
 
 FORMAT = "ssld-label-cache/1"
@@ -67,7 +67,7 @@ def samples_digest(source) -> str:
 
 
 def effective_crop_scale(data) -> list:
-    return [0.05, 1.0] if data.augment == "inception" else [float(v) for v in data.crop_scale]  # build_transform
+    return [float(v) for v in crop_area(data.augment, data.crop_scale)]
 
 
 def teacher_temperature(cfg) -> float:

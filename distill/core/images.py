@@ -279,6 +279,14 @@ class TestTransform(_Finish):
         return self(load_rgb(src))
 
 
+INCEPTION_AREA = (0.05, 1.0)   # Beyer et al.'s inception crop: 5-100% of the area
+
+
+def crop_area(kind: str, scale) -> tuple:
+    """The RandomResizedCrop area range an augmentation draws from: `scale` for random_crop, fixed for inception."""
+    return tuple(scale) if kind == "random_crop" else INCEPTION_AREA
+
+
 def build_transform(kind: str, size: int, mean, std, crop_pct: float = 0.875, scale=(0.08, 1.0),
                     hflip: bool = True, interpolation: str = "bilinear", output: str = "float",
                     draft: bool = True):
@@ -289,7 +297,7 @@ def build_transform(kind: str, size: int, mean, std, crop_pct: float = 0.875, sc
     if kind == "test":
         return TestTransform(size, mean, std, crop_pct, interpolation, output)
     if kind in ("random_crop", "inception"):
-        scale = tuple(scale) if kind == "random_crop" else (0.05, 1.0)
+        scale = crop_area(kind, scale)
         return RandomCropTransform(size, mean, std, scale, hflip=hflip, interpolation=interpolation,
                                    output=output, draft=draft)
     raise UserError(f"unknown augmentation {kind!r}; expected random_crop, inception or test")
