@@ -33,10 +33,11 @@ from distill import ssld
 from distill.core.config import add_config_args, load_config
 from distill.core.distributed import barrier, cleanup, init_distributed, per_rank_batch
 from distill.core.errors import ArgumentParser, UserError, number_in, run_cli
-from distill.core.images import Skipped, build_transform, normalize_on_device
+from distill.core.images import Skipped, normalize_on_device
 from distill.core.precision import Precision
 from distill.core.progress import Progress
-from distill.data import TrainStream, build_sources, check_class_lists, infer_num_classes, stream_loader
+from distill.core.trainer_kit import seed_for_build
+from distill.data import TrainStream, stream_loader
 from distill.label_cache import (AUGMENTS, DEFAULT_K, FORMAT, TAIL, label_settings, manifest_path, narrowest,
                                  part_header, part_path, read_manifest, refuse_streams, settings_hash,
                                  teacher_temperature, write_manifest, write_part)
@@ -158,20 +159,14 @@ def write_labels(cfg, out_dir, epochs: int, dist, *, k: int = DEFAULT_K, shard_b
     manifest once every rank is done."""
     check_recipe(cfg)
     out_dir, d = Path(out_dir), cfg.data
-    sources = build_sources(d.train, d.root)
-    val = build_sources([d.val], d.root) if d.val else []
-    check_class_lists(sources + val)
-    num_classes = d.num_classes or infer_num_classes(sources + val)
-    if num_classes < 2:
-        raise UserError(f"could not infer the number of classes from the data (got {num_classes}); "
-                        "set data.num_classes")
-    torch.manual_seed(cfg.run.seed)   # a random-init timm: teacher (tests, benchmarks) is the same on every rank
+    data = ssld.load_data(cfg)
+    sources, num_classes = data.train, data.num_classes
+    seed_for_build(cfg.run.seed)   # a random-init timm: teacher (tests, benchmarks) is the same on every rank
     teacher = build_teacher(cfg.teacher, num_classes, d.mean, d.std)
     teachers = [dict(source=str(s), arch=meta.get("arch"), sha256=teacher_digest(m))
                 for s, m, meta in zip(cfg.teacher.models, teacher.models, teacher.metas)]
     teacher.to(dist.device)
-    transform = build_transform(d.augment, d.input_size, d.mean, d.std, d.crop_pct, d.crop_scale, d.hflip,
-                                d.interpolation, output="uint8")
+    transform = ssld.train_transform(cfg)
     stream = DrawnStream(sources, transform, per_rank_batch(d.batch_size, dist), d.epoch_samples, cfg.run.seed,
                          dist.rank, dist.world_size, d.shuffle_buffer)
     manifest = open_cache(out_dir, cfg, stream, sources, num_classes, teachers, epochs, min(int(k), num_classes),

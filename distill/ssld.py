@@ -215,13 +215,18 @@ def build_student(cfg, num_classes: int):
     return model, name, meta["stages"]["family"]
 
 
+def train_transform(cfg):
+    """The training augmentation, uint8 until the device (a quarter of the bytes to move; DistillTask.forward
+    normalises there). distill.relabel draws the same crops through it."""
+    d = cfg.data
+    return build_transform(d.augment, d.input_size, d.mean, d.std, d.crop_pct, d.crop_scale, d.hflip,
+                           d.interpolation, output="uint8")
+
+
 def build_train_loader(cfg, sources, dist):
     d = cfg.data
-    # uint8 until the device (a quarter of the bytes to move); DistillTask.forward normalises there
-    transform = build_transform(d.augment, d.input_size, d.mean, d.std, d.crop_pct, d.crop_scale, d.hflip,
-                                d.interpolation, output="uint8")
     batch = per_rank_batch(d.batch_size, dist)
-    stream = TrainStream(sources, transform, batch, d.epoch_samples, cfg.run.seed, dist.rank,
+    stream = TrainStream(sources, train_transform(cfg), batch, d.epoch_samples, cfg.run.seed, dist.rank,
                          dist.world_size, d.shuffle_buffer)
     return stream, stream_loader(stream, cfg.run.workers, dist.device, collate_skipping)
 
